@@ -1,0 +1,185 @@
+"""The ``labkit`` command.
+
+``labkit sandbox install|up|env|kubeconfig|status|logs|down|list`` manages local
+sandbox clusters. Expected problems print one clear message and exit 1; only bugs
+show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from labkit.errors import LabkitError
+from labkit.progress import format_duration
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _human_bytes(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n else "-"
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from labkit.sandbox import binaries
+
+    tools = binaries.install(
+        Path(args.from_dir).expanduser() if args.from_dir else None,
+        force=args.force,
+        build=not args.no_build,
+        download=not args.no_download,
+        say=_say,
+    )
+    _say(f"kubectl: {tools['kubectl']}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from labkit.sandbox.controlplane import Sandbox
+
+    Sandbox(args.name).up(say=_say, timeout=args.timeout)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from labkit.sandbox.controlplane import Sandbox
+
+    Sandbox(args.name).down(purge=args.purge, say=_say)
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from labkit.sandbox.controlplane import Sandbox
+
+    for key, value in Sandbox(args.name).env().items():
+        print(f"export {key}={shlex.quote(value)}")
+    print("# Run: eval \"$(labkit sandbox env" + ("" if args.name == "default" else f" --name {args.name}") + ")\"")
+    return 0
+
+
+def cmd_kubeconfig(args: argparse.Namespace) -> int:
+    from labkit.sandbox.controlplane import Sandbox
+
+    sys.stdout.write(Sandbox(args.name).kubeconfig_text())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from labkit.sandbox.controlplane import Sandbox
+
+    info = Sandbox(args.name).status()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0 if info["running"] else 3
+    if not info["exists"]:
+        print(f"Sandbox {args.name!r} does not exist. Start it with `labkit sandbox up`.")
+        return 3
+    state = "running" if info["running"] else "stopped"
+    uptime = f", up {format_duration(info['uptime'])}" if info.get("uptime") else ""
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    print(f"Sandbox {info['name']!r}: {state}{uptime} ({versions})")
+    print(f"  API server: {info['server']}   kubeconfig: {info['kubeconfig']}")
+    header = f"  {'COMPONENT':<25}{'STATE':<20}{'PID':>8}{'PORT':>7}  {'UPTIME':<9}{'RESTARTS':>9}{'MEMORY':>9}  {'HEALTH':<8}LAST EXIT"
+    print(header)
+    for c in info["components"]:
+        health = {True: "ok", False: "failing", None: "-"}[c["healthy"]]
+        uptime = format_duration(c["uptime"]) if c["uptime"] else "-"
+        print(
+            f"  {c['name']:<25}{c['state']:<20}{c['pid'] or '-':>8}{c['port'] or '-':>7}  {uptime:<9}"
+            f"{c['restarts']:>9}{_human_bytes(c['memory']):>9}  {health:<8}{c['last_exit'] or '-'}"
+        )
+    print(f"  total memory: {_human_bytes(info['memory'])}")
+    return 0 if info["running"] else 3
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from labkit.sandbox.controlplane import Sandbox
+
+    path = Sandbox(args.name).log_path(args.component)
+    lines = path.read_text(errors="replace").splitlines()
+    for line in lines[-args.tail :] if args.tail else lines:
+        print(line)
+    if args.follow:
+        with open(path, errors="replace") as handle:
+            handle.seek(0, 2)
+            try:
+                while True:
+                    line = handle.readline()
+                    if line:
+                        sys.stdout.write(line)
+                        sys.stdout.flush()
+                    else:
+                        time.sleep(0.2)
+            except KeyboardInterrupt:
+                return 0
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from labkit.sandbox.state import all_sandboxes
+
+    sandboxes = all_sandboxes()
+    if not sandboxes:
+        print("No sandboxes. Start one with `labkit sandbox up`.")
+    for state in sandboxes:
+        print(f"{state.name:<20}{'running' if state.supervisor_pid() else 'stopped':<10}{state.root}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labkit", description="Courseware for operating distributed systems.")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+    sandbox = groups.add_parser("sandbox", help="manage local sandbox clusters",
+                                description="Manage local sandbox clusters: a real Kubernetes control plane.")
+    sub = sandbox.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+
+    def named(name: str, help_text: str, func) -> argparse.ArgumentParser:  # noqa: ANN001
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--name", default="default", help="sandbox name (default: %(default)s)")
+        p.set_defaults(func=func)
+        return p
+
+    p = sub.add_parser("install", help="provide the pinned control-plane binaries (find, build or download)")
+    p.add_argument("--from", dest="from_dir", metavar="DIR", help="use the binaries in DIR")
+    p.add_argument("--force", action="store_true", help="install again even if cached")
+    p.add_argument("--no-build", action="store_true", help="do not build with Go")
+    p.add_argument("--no-download", action="store_true", help="do not download release archives")
+    p.set_defaults(func=cmd_install)
+
+    p = named("up", "start a sandbox (no-op if it runs) and wait until it is ready", cmd_up)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    p = named("down", "stop a sandbox; its cluster state is kept unless --purge", cmd_down)
+    p.add_argument("--purge", action="store_true", help="also delete its state (certificates, etcd data, logs)")
+    named("env", "print shell exports that point kubectl at a sandbox", cmd_env)
+    named("kubeconfig", "print a sandbox's admin kubeconfig", cmd_kubeconfig)
+    p = named("status", "show components, ports, uptime, restarts and memory", cmd_status)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = named("logs", "print a component's log", cmd_logs)
+    p.add_argument("component", help="etcd, kube-apiserver, kube-controller-manager, kube-scheduler or supervisor")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("--tail", type=int, default=0, help="only the last N lines")
+    p = sub.add_parser("list", help="list sandboxes on this machine")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LabkitError as exc:
+        print(f"labkit: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("labkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,508 @@
+"""The local control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
+
+``Sandbox(name).up()`` prepares the state folder (certificates, kubeconfigs,
+ports), hands the component command lines to a detached supervisor (see
+supervisor.py) and waits until the API server's ``/readyz`` and the other
+components' ``/healthz`` answer. ``down()`` stops everything and checks that no
+process and no listening port is left. The flags are those of a kubeadm cluster,
+narrowed to loopback, so what the course says about a real control plane is true
+of this one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from labkit.errors import LabkitError
+from labkit.progress import format_duration
+from labkit.sandbox import binaries, procs
+from labkit.sandbox.binaries import Toolset
+from labkit.sandbox.pki import SERVICE_CIDR
+from labkit.sandbox.state import DEFAULT_NAME, SandboxState, port_lock, ports_of_others, remove_tree
+from labkit.sandbox.versions import pins
+
+CLUSTER_CIDR = "10.244.0.0/16"
+PORT_RANGE = (20000, 32000)  # below Linux's ephemeral range, so outgoing connections never take them
+READY_TIMEOUT = 120.0
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+# Which port each component serves its health on, and the path to ask.
+HEALTH = {
+    "etcd": ("etcd-client", "/health"),
+    "kube-apiserver": ("apiserver", "/readyz"),
+    "kube-controller-manager": ("controller-manager", "/healthz"),
+    "kube-scheduler": ("scheduler", "/healthz"),
+}
+PORT_NAMES = ("etcd-client", "etcd-peer", "apiserver", "controller-manager", "scheduler")
+
+
+@dataclass
+class ComponentStatus:
+    name: str
+    state: str
+    pid: int | None
+    port: int | None
+    uptime: float | None
+    restarts: int
+    memory: int
+    healthy: bool | None
+    last_exit: str | None
+
+
+class Sandbox:
+    """A named local control plane."""
+
+    def __init__(self, name: str = DEFAULT_NAME) -> None:
+        self.state = SandboxState(name)
+        self.name = self.state.name
+
+    # ------------------------------------------------------------------------------------ up
+
+    def up(self, *, say=print, wait: bool = True, timeout: float = READY_TIMEOUT) -> dict:
+        """Start the sandbox (a no-op if it runs); returns its config."""
+        with self.state.operation():
+            config = self.state.load()
+            if self.state.supervisor_pid():
+                if config is None:
+                    raise LabkitError(f"Sandbox {self.name!r} has a running supervisor but no config.",
+                                      hint=self.state.purge_hint())
+                if wait:
+                    self.wait_ready(config, timeout=timeout)
+                say(f"Sandbox {self.name!r} is already running at {self.server(config)}.")
+                return config
+            self._sweep()  # leftovers of a supervisor that was killed
+            toolset = binaries.ensure(say=say)
+            started = time.monotonic()
+            config = config or self.state.new_config({g.name: g.version for g in pins().groups})
+            previous = config.get("versions", {})
+            config["versions"] = {g.name: g.version for g in pins().groups}
+            if previous and previous != config["versions"]:
+                say(f"Upgrading sandbox {self.name!r} from {previous} to {config['versions']}.")
+            self.state.root.mkdir(parents=True, exist_ok=True)
+            self.state.pki.ensure()
+            for folder in (self.state.etc, self.state.logs, self.state.run, self.state.etcd_data):
+                folder.mkdir(parents=True, exist_ok=True)
+            self.state.etcd_data.chmod(0o700)
+            with port_lock():
+                config["ports"] = self._choose_ports(config.get("ports", {}), say)
+                self.state.save(config)
+            self._write_kubeconfigs(config)
+            (self.state.run / "components.json").write_text(json.dumps(self._components(config, toolset), indent=2))
+            self._start_supervisor()
+            if wait:
+                self.wait_ready(config, timeout=timeout)
+                say(self._usage(config, time.monotonic() - started))
+            return config
+
+    def _choose_ports(self, previous: dict[str, int], say) -> dict[str, int]:
+        """Keep last time's ports where they are free (the kubeconfig stays valid); else pick new ones."""
+        taken = ports_of_others(self.name)
+        chosen: dict[str, int] = {}
+        rng = random.Random()
+        for key in PORT_NAMES:
+            port = previous.get(key)
+            if port and port not in taken and port not in chosen.values() and procs.port_free(port):
+                chosen[key] = port
+                continue
+            if port:
+                say(f"Port {port} ({key}) is in use; sandbox {self.name!r} moves to another port.")
+            for _ in range(1000):
+                candidate = rng.randint(*PORT_RANGE)
+                if candidate not in taken and candidate not in chosen.values() and procs.port_free(candidate):
+                    chosen[key] = candidate
+                    break
+            else:
+                raise LabkitError(f"No free local port found in {PORT_RANGE[0]}-{PORT_RANGE[1]}.")
+        return chosen
+
+    def server(self, config: dict) -> str:
+        return f"https://127.0.0.1:{config['ports']['apiserver']}"
+
+    def _write_kubeconfigs(self, config: dict) -> None:
+        pki, server = self.state.pki, self.server(config)
+        cluster = f"labkit-{self.name}"
+        pki.write_kubeconfig(self.state.kubeconfig, cluster=cluster, server=server, user=f"{cluster}-admin", stem="admin")
+        for component in ("controller-manager", "scheduler"):
+            pki.write_kubeconfig(
+                self.state.etc / f"{component}.kubeconfig",
+                cluster=cluster, server=server, user=f"system:kube-{component}", stem=component,
+            )  # fmt: skip
+
+    def _components(self, config: dict, tools: Toolset) -> list[dict]:
+        """The four command lines, as a kubeadm control plane would run them, on loopback."""
+        p = config["ports"]
+        pki = self.state.pki
+        etc = self.state.etc
+        c = lambda stem: str(pki.cert(stem))  # noqa: E731
+        k = lambda stem: str(pki.key(stem))  # noqa: E731
+        etcd = [
+            str(tools["etcd"]),
+            f"--name={self.name}",
+            f"--data-dir={self.state.etcd_data}",
+            f"--listen-client-urls=https://127.0.0.1:{p['etcd-client']}",
+            f"--advertise-client-urls=https://127.0.0.1:{p['etcd-client']}",
+            f"--listen-peer-urls=http://127.0.0.1:{p['etcd-peer']}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{p['etcd-peer']}",
+            f"--initial-cluster={self.name}=http://127.0.0.1:{p['etcd-peer']}",
+            f"--cert-file={c('etcd/server')}",
+            f"--key-file={k('etcd/server')}",
+            f"--trusted-ca-file={c('etcd/ca')}",
+            "--client-cert-auth=true",
+            # A sandbox trades durability against power loss for speed: data written before a
+            # process is killed still reaches the disk, since the page cache outlives the process.
+            "--unsafe-no-fsync=true",
+            "--snapshot-count=10000",
+            "--log-level=warn",
+        ]
+        auth = lambda kubeconfig: [  # noqa: E731
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            f"--client-ca-file={c('ca')}",
+            f"--requestheader-client-ca-file={c('front-proxy-ca')}",
+            "--bind-address=127.0.0.1",
+        ]
+        apiserver = [
+            str(tools["kube-apiserver"]),
+            "--bind-address=127.0.0.1",
+            f"--secure-port={p['apiserver']}",
+            f"--etcd-servers=https://127.0.0.1:{p['etcd-client']}",
+            f"--etcd-cafile={c('etcd/ca')}",
+            f"--etcd-certfile={c('apiserver-etcd-client')}",
+            f"--etcd-keyfile={k('apiserver-etcd-client')}",
+            f"--tls-cert-file={c('apiserver')}",
+            f"--tls-private-key-file={k('apiserver')}",
+            f"--client-ca-file={c('ca')}",
+            f"--kubelet-client-certificate={c('apiserver-kubelet-client')}",
+            f"--kubelet-client-key={k('apiserver-kubelet-client')}",
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
+            f"--service-account-key-file={pki.sa_pub}",
+            f"--service-account-signing-key-file={pki.sa_key}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            "--allow-privileged=true",
+            f"--requestheader-client-ca-file={c('front-proxy-ca')}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-username-headers=X-Remote-User",
+            f"--proxy-client-cert-file={c('front-proxy-client')}",
+            f"--proxy-client-key-file={k('front-proxy-client')}",
+            # The API server would publish its own address as the endpoint of the `kubernetes`
+            # Service, but the API rejects loopback endpoints; sandbox networking owns this.
+            "--endpoint-reconciler-type=none",
+        ]
+        controller_manager = [
+            str(tools["kube-controller-manager"]),
+            *auth(etc / "controller-manager.kubeconfig"),
+            f"--secure-port={p['controller-manager']}",
+            f"--tls-cert-file={c('controller-manager-serving')}",
+            f"--tls-private-key-file={k('controller-manager-serving')}",
+            f"--cluster-name=labkit-{self.name}",
+            f"--cluster-signing-cert-file={c('ca')}",
+            f"--cluster-signing-key-file={k('ca')}",
+            f"--root-ca-file={c('ca')}",
+            f"--service-account-private-key-file={pki.sa_key}",
+            "--use-service-account-credentials=true",
+            "--controllers=*,bootstrapsigner,tokencleaner",
+            "--allocate-node-cidrs=true",
+            f"--cluster-cidr={CLUSTER_CIDR}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # One instance per component: a leader lease would only make a restarted
+            # component wait for its previous self's lease to expire.
+            "--leader-elect=false",
+        ]
+        scheduler = [
+            str(tools["kube-scheduler"]),
+            *auth(etc / "scheduler.kubeconfig"),
+            f"--secure-port={p['scheduler']}",
+            f"--tls-cert-file={c('scheduler-serving')}",
+            f"--tls-private-key-file={k('scheduler-serving')}",
+            "--leader-elect=false",
+        ]
+        argvs = {"etcd": etcd, "kube-apiserver": apiserver,
+                 "kube-controller-manager": controller_manager, "kube-scheduler": scheduler}  # fmt: skip
+        return [{"name": name, "argv": argvs[name]} for name in COMPONENTS]
+
+    def _start_supervisor(self) -> None:
+        log = open(self.state.logs / "supervisor.log", "ab")
+        subprocess.Popen(
+            [sys.executable, "-m", "labkit.sandbox.supervisor", str(self.state.root)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # detached: it outlives this command, kernel or shell
+            close_fds=True,
+            cwd=self.state.root,
+        )
+        log.close()
+        deadline = time.monotonic() + 10
+        while not self.state.supervisor_pid():
+            if time.monotonic() > deadline:
+                raise LabkitError(
+                    "The sandbox supervisor did not start.\n" + self._tail("supervisor"),
+                    hint=f"See {self.state.logs / 'supervisor.log'}.",
+                )
+            time.sleep(0.02)
+
+    # ------------------------------------------------------------------------------- readiness
+
+    def _ssl_context(self, client: bool) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.state.pki.cert("ca")))
+        if client:
+            context.load_cert_chain(str(self.state.pki.cert("admin")), str(self.state.pki.key("admin")))
+        return context
+
+    def _etcd_context(self) -> ssl.SSLContext:
+        pki = self.state.pki
+        context = ssl.create_default_context(cafile=str(pki.cert("etcd/ca")))
+        context.load_cert_chain(str(pki.cert("apiserver-etcd-client")), str(pki.key("apiserver-etcd-client")))
+        return context
+
+    def check_health(self, component: str, config: dict, timeout: float = 2.0) -> tuple[bool, str]:
+        """Ask one component's health endpoint; returns (healthy, what it said)."""
+        port_key, path = HEALTH[component]
+        url = f"https://127.0.0.1:{config['ports'][port_key]}{path}"
+        context = self._etcd_context() if component == "etcd" else self._ssl_context(component == "kube-apiserver")
+        try:
+            with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
+                body = response.read().decode(errors="replace")
+                return response.status == 200, body.strip()
+        except urllib.error.HTTPError as exc:
+            return False, exc.read().decode(errors="replace").strip()
+        except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
+            return False, str(getattr(exc, "reason", exc))
+
+    def wait_ready(self, config: dict, *, timeout: float = READY_TIMEOUT) -> float:
+        """Wait until every component answers healthy; fail early and clearly if one keeps crashing."""
+        started = time.monotonic()
+        pending = list(COMPONENTS[1:]) + ["etcd"]
+        while pending:
+            for component in list(pending):
+                if self.check_health(component, config, timeout=1.0)[0]:
+                    pending.remove(component)
+            if not pending:
+                break
+            if not self.state.supervisor_pid():
+                raise LabkitError(
+                    f"The sandbox supervisor stopped while {self.name!r} was starting.\n" + self._tail("supervisor"),
+                    hint=self.state.purge_hint(),
+                )
+            crashing = self._crashing(pending)
+            elapsed = time.monotonic() - started
+            if crashing or elapsed > timeout:
+                culprit = crashing or pending[0]
+                what = "keeps exiting" if crashing else f"did not become healthy within {timeout:.0f}s"
+                raise LabkitError(
+                    f"{culprit} {what}. The end of its log ({self.state.logs / (culprit + '.log')}):\n"
+                    + self._tail(culprit),
+                    hint="The sandbox is still running and retrying: see `labkit sandbox status` and "
+                    f"`labkit sandbox logs {culprit}`. If its state is damaged: " + self.state.purge_hint(),
+                )
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    def _crashing(self, pending: list[str]) -> str | None:
+        status = self.state.status() or {}
+        for name, info in status.get("components", {}).items():
+            if name in pending and info.get("restarts", 0) >= 3:
+                return name
+        return None
+
+    def _tail(self, component: str, lines: int = 12) -> str:
+        path = self.state.logs / f"{component}.log"
+        try:
+            text = path.read_text(errors="replace").strip().splitlines()[-lines:]
+        except OSError:
+            return "    (no log)"
+        return "\n".join("    " + line[:300] for line in text)
+
+    def _usage(self, config: dict, seconds: float) -> str:
+        flag = "" if self.name == DEFAULT_NAME else f" --name {self.name}"
+        return (
+            f"Sandbox {self.name!r} is up: Kubernetes {pins().kubernetes.version} control plane at "
+            f"{self.server(config)} (ready in {format_duration(seconds)}).\n"
+            f"  use it from this shell:  eval \"$(labkit sandbox env{flag})\"   then e.g.  kubectl get namespaces\n"
+            f"  kubeconfig:              {self.state.kubeconfig}\n"
+            f"  see it:                  labkit sandbox status{flag}   |   labkit sandbox logs kube-apiserver{flag}\n"
+            f"  stop it (state is kept): labkit sandbox down{flag}"
+        )
+
+    # ------------------------------------------------------------------------------------ down
+
+    def down(self, *, purge: bool = False, say=print) -> bool:
+        """Stop the sandbox; True if something was running. ``purge`` also deletes its state."""
+        with self.state.operation():
+            running = bool(self.state.supervisor_pid())
+            try:
+                config = self.state.load()
+            except LabkitError:
+                if not purge:
+                    raise
+                config = None
+            if running:
+                self._stop_supervisor()
+            leftovers = self._sweep()
+            if config:
+                self._wait_ports_closed(config)
+            if purge and self.state.exists():
+                remove_tree(self.state.root)
+        if running or leftovers:
+            say(f"Sandbox {self.name!r} stopped." + ("" if purge else " Its cluster state is kept for the next `up`."))
+        elif config is None and not purge:
+            say(f"There is no sandbox {self.name!r}; nothing to stop.")
+        else:
+            say(f"Sandbox {self.name!r} is not running.")
+        if purge:
+            say(f"Sandbox {self.name!r} purged: its state folder is deleted.")
+        return running
+
+    def _stop_supervisor(self) -> None:
+        pid = self.state.supervisor_pid()
+        if pid and pid > 0:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                return
+        deadline = time.monotonic() + 60
+        while self.state.supervisor_pid():
+            if time.monotonic() > deadline:
+                pid = self.state.supervisor_pid()
+                if pid and pid > 0:
+                    os.kill(pid, signal.SIGKILL)  # its components die with it (PR_SET_PDEATHSIG)
+                deadline = time.monotonic() + 10
+            time.sleep(0.05)
+
+    def _own_processes(self) -> list[int]:
+        """Component processes of this sandbox still alive: our binaries, pointed at our folder."""
+        folders = {str(binaries.bin_root().resolve())}
+        marker = str(self.state.root)
+        found = []
+        for pid in procs.all_pids():
+            if pid == os.getpid():
+                continue
+            path = procs.exe(pid)
+            if not path:
+                continue
+            args = procs.cmdline(pid)
+            ours = any(path.startswith(folder) for folder in folders) or Path(path).name in COMPONENTS
+            if ours and any(marker in arg for arg in args) and procs.alive(pid):
+                found.append(pid)
+        return found
+
+    def _sweep(self) -> int:
+        """Kill any component process left behind (a supervisor that was SIGKILLed, say)."""
+        pids = self._own_processes()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while pids and time.monotonic() < deadline:
+            pids = [pid for pid in pids if procs.alive(pid)]
+            time.sleep(0.02)
+        return len(pids)
+
+    def _wait_ports_closed(self, config: dict) -> None:
+        deadline = time.monotonic() + 10
+        ports = list(config.get("ports", {}).values())
+        while time.monotonic() < deadline:
+            if not any(procs.listening(port) for port in ports):
+                return
+            time.sleep(0.05)
+        busy = [port for port in ports if procs.listening(port)]
+        raise LabkitError(f"Sandbox {self.name!r} stopped, but ports {busy} still accept connections.",
+                          hint="Another program took them; `ss -ltnp` shows which.")
+
+    # ---------------------------------------------------------------------------------- status
+
+    def components_status(self, config: dict) -> list[ComponentStatus]:
+        status = self.state.status() or {}
+        running = bool(self.state.supervisor_pid())
+        result = []
+        for name in COMPONENTS:
+            info = status.get("components", {}).get(name, {}) if running else {}
+            pid = info.get("pid")
+            alive = procs.alive(pid)
+            last = info.get("last_exit")
+            last_text = None
+            if last:
+                how = f"signal {last['signal']}" if last.get("signal") else f"exit code {last.get('code')}"
+                last_text = f"{how} at {time.strftime('%H:%M:%S', time.localtime(last['at']))}"
+            port_key = HEALTH[name][0]
+            result.append(
+                ComponentStatus(
+                    name=name,
+                    state=("running" if alive else info.get("state", "stopped")) if running else "stopped",
+                    pid=pid if alive else None,
+                    port=config["ports"].get(port_key),
+                    uptime=time.time() - info["started_at"] if alive and info.get("started_at") else None,
+                    restarts=info.get("restarts", 0),
+                    memory=procs.rss_bytes(pid) if alive else 0,
+                    healthy=self.check_health(name, config, timeout=1.0)[0] if alive else None,
+                    last_exit=last_text,
+                )
+            )
+        return result
+
+    def status(self) -> dict:
+        """Everything ``labkit sandbox status`` shows, as data."""
+        config = self.state.load()
+        if config is None:
+            return {"name": self.name, "exists": False, "running": False}
+        supervisor = self.state.supervisor_pid()
+        run_status = self.state.status() or {}
+        components = self.components_status(config)
+        return {
+            "name": self.name,
+            "exists": True,
+            "running": bool(supervisor),
+            "supervisor_pid": supervisor,
+            "uptime": time.time() - run_status["started_at"] if supervisor and run_status.get("started_at") else None,
+            "server": self.server(config),
+            "kubeconfig": str(self.state.kubeconfig),
+            "state_dir": str(self.state.root),
+            "versions": config.get("versions", {}),
+            "ports": config["ports"],
+            "memory": sum(c.memory for c in components),
+            "components": [c.__dict__ for c in components],
+        }
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def kubeconfig_text(self) -> str:
+        if self.state.load() is None or not self.state.kubeconfig.exists():
+            raise LabkitError(f"Sandbox {self.name!r} has not been created yet.", hint="Run `labkit sandbox up` first.")
+        return self.state.kubeconfig.read_text()
+
+    def env(self) -> dict[str, str]:
+        """The environment that points plain `kubectl` at this sandbox."""
+        if self.state.load() is None:
+            raise LabkitError(f"Sandbox {self.name!r} has not been created yet.", hint="Run `labkit sandbox up` first.")
+        kubectl_dir = binaries.toolset().kubectl_dir
+        return {"KUBECONFIG": str(self.state.kubeconfig), "PATH": f"{kubectl_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def log_path(self, component: str) -> Path:
+        names = (*COMPONENTS, "supervisor")
+        matches = [n for n in names if n == component] or [n for n in names if component in n]
+        if len(matches) != 1:
+            raise LabkitError(f"No component called {component!r}.", hint="Components: " + ", ".join(names) + ".")
+        if self.state.load() is None:
+            raise LabkitError(f"Sandbox {self.name!r} has not been created yet.", hint="Run `labkit sandbox up` first.")
+        path = self.state.logs / f"{matches[0]}.log"
+        if not path.exists():
+            raise LabkitError(f"{matches[0]} has not written a log yet in sandbox {self.name!r}.")
+        return path
