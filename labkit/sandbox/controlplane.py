@@ -68,8 +68,13 @@ class Sandbox:
 
     # ------------------------------------------------------------------------------------ up
 
-    def up(self, *, say=print, wait: bool = True, timeout: float = READY_TIMEOUT) -> dict:
-        """Start the sandbox (a no-op if it runs); returns its config."""
+    def up(
+        self, *, say=print, wait: bool = True, timeout: float = READY_TIMEOUT, only: tuple[str, ...] = COMPONENTS
+    ) -> dict:
+        """Start the sandbox (a no-op if it runs); returns its config.
+
+        ``only`` starts a subset of the components (the benchmark's etcd + API server floor).
+        """
         with self.state.operation():
             config = self.state.load()
             if self.state.supervisor_pid():
@@ -77,7 +82,7 @@ class Sandbox:
                     raise LabkitError(f"Sandbox {self.name!r} has a running supervisor but no config.",
                                       hint=self.state.purge_hint())
                 if wait:
-                    self.wait_ready(config, timeout=timeout)
+                    self.wait_ready(config, timeout=timeout, only=only)
                 say(f"Sandbox {self.name!r} is already running at {self.server(config)}.")
                 return config
             self._sweep()  # leftovers of a supervisor that was killed
@@ -97,10 +102,12 @@ class Sandbox:
                 config["ports"] = self._choose_ports(config.get("ports", {}), say)
                 self.state.save(config)
             self._write_kubeconfigs(config)
-            (self.state.run / "components.json").write_text(json.dumps(self._components(config, toolset), indent=2))
+            (self.state.run / "components.json").write_text(json.dumps(
+                [c for c in self._components(config, toolset) if c["name"] in only], indent=2
+            ))
             self._start_supervisor()
             if wait:
-                self.wait_ready(config, timeout=timeout)
+                self.wait_ready(config, timeout=timeout, only=only)
                 say(self._usage(config, time.monotonic() - started))
             return config
 
@@ -216,7 +223,12 @@ class Sandbox:
             f"--root-ca-file={c('ca')}",
             f"--service-account-private-key-file={pki.sa_key}",
             "--use-service-account-credentials=true",
+            # Starting, it creates a ServiceAccount and token per controller; at the default 20
+            # requests/s that alone takes seconds. A one-machine API server takes far more.
+            "--kube-api-qps=200",
+            "--kube-api-burst=400",
             "--controllers=*,bootstrapsigner,tokencleaner",
+            f"--flex-volume-plugin-dir={self.state.root / 'volume-plugins'}",
             "--allocate-node-cidrs=true",
             f"--cluster-cidr={CLUSTER_CIDR}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
@@ -234,7 +246,11 @@ class Sandbox:
         ]
         argvs = {"etcd": etcd, "kube-apiserver": apiserver,
                  "kube-controller-manager": controller_manager, "kube-scheduler": scheduler}  # fmt: skip
-        return [{"name": name, "argv": argvs[name]} for name in COMPONENTS]
+        # The controllers start once the API server is ready: before that, the RBAC roles that
+        # authorise them do not exist on a new cluster, and they would back off for seconds.
+        readyz = {"after": f"https://127.0.0.1:{p['apiserver']}/readyz", "after_ca": c("ca")}
+        gated = {"kube-controller-manager", "kube-scheduler"}
+        return [{"name": name, "argv": argvs[name], **(readyz if name in gated else {})} for name in COMPONENTS]
 
     def _start_supervisor(self) -> None:
         log = open(self.state.logs / "supervisor.log", "ab")
@@ -285,14 +301,39 @@ class Sandbox:
         except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
             return False, str(getattr(exc, "reason", exc))
 
-    def wait_ready(self, config: dict, *, timeout: float = READY_TIMEOUT) -> float:
-        """Wait until every component answers healthy; fail early and clearly if one keeps crashing."""
+    def api_get(self, config: dict, path: str, timeout: float = 2.0) -> tuple[int, str]:
+        """GET a path of this sandbox's API as its admin: (HTTP status, body); status 0 if unreachable."""
+        url = self.server(config) + path
+        try:
+            with urllib.request.urlopen(url, timeout=timeout, context=self._ssl_context(True)) as response:
+                return response.status, response.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+        except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
+            return 0, str(getattr(exc, "reason", exc))
+
+    def _controllers_working(self, config: dict) -> bool:
+        """The controller-manager acts, not just answers: it has made `default`'s ServiceAccount,
+        without which no Pod can be created in that namespace."""
+        return self.api_get(config, "/api/v1/namespaces/default/serviceaccounts/default", timeout=1.0)[0] == 200
+
+    def wait_ready(self, config: dict, *, timeout: float = READY_TIMEOUT, only: tuple[str, ...] = COMPONENTS) -> float:
+        """Wait until every component answers healthy and the controllers act.
+
+        Fails early and clearly if a component keeps crashing, with the end of its log.
+        """
         started = time.monotonic()
-        pending = list(COMPONENTS[1:]) + ["etcd"]
+        pending = [c for c in (*COMPONENTS[1:], "etcd") if c in only]
+        if "kube-controller-manager" in only:
+            pending.append("controllers")
         while pending:
-            for component in list(pending):
-                if self.check_health(component, config, timeout=1.0)[0]:
-                    pending.remove(component)
+            for check in list(pending):
+                if check == "controllers":
+                    ok = len(pending) == 1 and self._controllers_working(config)
+                else:
+                    ok = self.check_health(check, config, timeout=1.0)[0]
+                if ok:
+                    pending.remove(check)
             if not pending:
                 break
             if not self.state.supervisor_pid():
@@ -303,8 +344,8 @@ class Sandbox:
             crashing = self._crashing(pending)
             elapsed = time.monotonic() - started
             if crashing or elapsed > timeout:
-                culprit = crashing or pending[0]
-                what = "keeps exiting" if crashing else f"did not become healthy within {timeout:.0f}s"
+                culprit = crashing or ("kube-controller-manager" if pending == ["controllers"] else pending[0])
+                what = "keeps exiting" if crashing else f"did not become ready within {timeout:.0f}s"
                 raise LabkitError(
                     f"{culprit} {what}. The end of its log ({self.state.logs / (culprit + '.log')}):\n"
                     + self._tail(culprit),

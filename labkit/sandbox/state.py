@@ -149,8 +149,8 @@ class SandboxState:
     @contextmanager
     def operation(self) -> Iterator[None]:
         """Serialise up/down on one sandbox (two terminals, or two graders, at once)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".operation.lock", "w") as handle:
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.root.parent / f".{self.name}.lock", "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield

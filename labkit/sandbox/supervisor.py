@@ -25,9 +25,12 @@ import fcntl
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +53,10 @@ class Component:
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    # Start only once this URL answers 200 (verified against `after_ca`): a component that
+    # needs another to be ready first, as the controllers need the API server's RBAC roles.
+    after: str | None = None
+    after_ca: str | None = None
     process: subprocess.Popen | None = None
     started_at: float | None = None
     restarts: int = 0
@@ -61,7 +68,7 @@ class Component:
         running = self.process is not None and self.process.poll() is None
         return {
             "pid": self.process.pid if running else None,
-            "state": "running" if running else "waiting to restart",
+            "state": "running" if running else ("waiting" if self.started_at is None else "waiting to restart"),
             "started_at": self.started_at if running else None,
             "restarts": self.restarts,
             "last_exit": self.last_exit,
@@ -75,7 +82,9 @@ class Supervisor:
         self.run_dir = root / "run"
         self.log_dir = root / "logs"
         spec = json.loads((self.run_dir / "components.json").read_text())
-        self.components = [Component(c["name"], c["argv"], c.get("env", {})) for c in spec]
+        self.components = [
+            Component(c["name"], c["argv"], c.get("env", {}), c.get("after"), c.get("after_ca")) for c in spec
+        ]
         self.stopping = False
         self.started_at = time.time()
 
@@ -94,8 +103,6 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self._log(f"supervisor {os.getpid()} starting {', '.join(c.name for c in self.components)}")
-        for component in self.components:
-            self._start(component)
         self._write_status()
         while not self.stopping:
             changed = False
@@ -104,16 +111,31 @@ class Supervisor:
                 if component.process is not None and component.process.poll() is not None:
                     self._exited(component)
                     changed = True
-                if component.process is None and now >= component.next_start and not self.stopping:
+                if (
+                    component.process is None
+                    and now >= component.next_start
+                    and not self.stopping
+                    and self._dependency_ready(component)
+                ):
                     self._start(component)
                     changed = True
             if changed:
                 self._write_status()
-            time.sleep(0.1)
+            time.sleep(0.05)
         self._stop_all()
         self._write_status(stopped=True)
         self._log("supervisor stopped")
         return 0
+
+    def _dependency_ready(self, component: Component) -> bool:
+        if not component.after:
+            return True
+        try:
+            context = ssl.create_default_context(cafile=component.after_ca)
+            with urllib.request.urlopen(component.after, timeout=0.5, context=context) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError, ssl.SSLError, ValueError):
+            return False
 
     def _on_stop(self, signum: int, _frame: object) -> None:
         self.stopping = True
