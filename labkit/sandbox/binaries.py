@@ -153,7 +153,7 @@ def find_local(group: BinaryGroup, explicit: Path | None, say: Say) -> dict[str,
                 continue
             version = probe_version(path, binary)
             if version == group.bare_version:
-                match = path.resolve()
+                match = path.absolute()
                 break
             where = str(explicit) if explicit else "PATH"
             message = (

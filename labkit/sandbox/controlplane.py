@@ -429,7 +429,6 @@ class Sandbox:
     def _own_processes(self) -> list[int]:
         """Component processes of this sandbox still alive: our binaries, pointed at our folder."""
         folders = {str(binaries.bin_root().resolve())}
-        marker = str(self.state.root)
         found = []
         for pid in procs.all_pids():
             if pid == os.getpid():
@@ -439,7 +438,7 @@ class Sandbox:
                 continue
             args = procs.cmdline(pid)
             ours = any(path.startswith(folder) for folder in folders) or Path(path).name in COMPONENTS
-            if ours and any(marker in arg for arg in args) and procs.alive(pid):
+            if ours and procs.mentions(args, self.state.root) and procs.alive(pid):
                 found.append(pid)
         return found
 

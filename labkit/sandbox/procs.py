@@ -79,3 +79,10 @@ def listening(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
+
+
+def mentions(args: list[str], folder: Path) -> bool:
+    """True if a command line refers to ``folder`` or something inside it (not a sibling
+    whose name merely starts the same, as ``sandboxes/ab`` does for ``sandboxes/a``)."""
+    text = str(folder)
+    return any(arg.endswith(text) or text + os.sep in arg for arg in args)
