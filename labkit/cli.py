@@ -128,7 +128,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not sandboxes:
         print("No sandboxes. Start one with `labkit sandbox up`.")
     for state in sandboxes:
-        print(f"{state.name:<20}{'running' if state.supervisor_pid() else 'stopped':<10}{state.root}")
+        print(f"{state.name:<20} {'running' if state.supervisor_pid() else 'stopped':<8} {state.root}")
     return 0
 
 
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"labkit: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("labkit: interrupted", file=sys.stderr)
+        print("labkit: interrupted. A sandbox that was starting goes on starting in the background; "
+              "`labkit sandbox status` shows it and `labkit sandbox down` stops it.", file=sys.stderr)
         return 130
 
 

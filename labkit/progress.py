@@ -22,7 +22,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.started = time.monotonic()
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._last_print = 0.0
+        self._last_print = self.started
         self._last_shown = -1
         self._detail = ""
 
@@ -60,6 +60,12 @@ class Progress:
             self.stream.flush()
             self._last_print = now
             self._last_shown = self.done
+
+    def clear(self) -> None:
+        """Remove a terminal's status line (the caller prints its own conclusion)."""
+        if self._tty and self._last_print:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
 
     def finish(self, message: str | None = None) -> None:
         text = f"{self.label}: {message} ({format_duration(self.elapsed())})" if message else self._line()

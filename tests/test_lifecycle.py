@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -88,8 +90,11 @@ def test_cluster_state_survives_down_and_up_but_not_purge(fresh: Sandbox) -> Non
 def test_two_named_sandboxes_run_side_by_side(tools) -> None:  # noqa: ANN001
     one, two = Sandbox("side-one"), Sandbox("side-two")
     try:
-        one.up(say=_quiet)
-        two.up(say=_quiet)
+        # Started at the same moment, as parallel graders would.
+        starting = [subprocess.Popen([sys.executable, "-m", "labkit", "sandbox", "up", "--name", sb.name],
+                                     stderr=subprocess.PIPE, text=True) for sb in (one, two)]  # fmt: skip
+        for process in starting:
+            assert process.wait(timeout=180) == 0, process.stderr.read()
         ports_one = set(one.state.load()["ports"].values())
         ports_two = set(two.state.load()["ports"].values())
         assert not ports_one & ports_two
@@ -179,3 +184,16 @@ def test_bad_names_are_refused() -> None:
 def test_down_of_a_sandbox_that_never_existed() -> None:
     result = run_labkit("sandbox", "down", "--name", "never-made")
     assert result.returncode == 0 and "nothing to stop" in result.stderr
+
+
+def test_list_and_status_of_stopped_sandboxes(fresh: Sandbox) -> None:
+    fresh.up(say=_quiet)
+    listed = run_labkit("sandbox", "list").stdout
+    assert any(line.split()[:2] == [fresh.name, "running"] for line in listed.splitlines())
+    fresh.down(say=_quiet)
+    listed = run_labkit("sandbox", "list").stdout
+    assert any(line.split()[:2] == [fresh.name, "stopped"] for line in listed.splitlines())
+    status = run_labkit("sandbox", "status", "--name", fresh.name)
+    assert status.returncode == 3 and "stopped" in status.stdout
+    missing = run_labkit("sandbox", "status", "--name", "not-there")
+    assert missing.returncode == 3 and "does not exist" in missing.stdout

@@ -249,12 +249,7 @@ def build_group(group: BinaryGroup, say: Say) -> str:
             shutil.copy(group.gobuild_dir / name, workdir / name)
         staging = Path(tempfile.mkdtemp(prefix=f".{group.key}-", dir=bin_root()))
         try:
-            say(f"  fetching the Go modules of {group.module} {group.version} (first build only)")
-            fetch = subprocess.run(
-                [go, "mod", "download"], cwd=workdir, env=env, capture_output=True, text=True
-            )
-            if fetch.returncode != 0:
-                raise _SourceUnavailable("could not fetch the Go modules:\n" + _tail(fetch.stderr))
+            _fetch_modules(go, workdir, env, group)
             total = _count_packages(go, workdir, env, group)
             progress = Progress(f"  building {group.name} {group.version}", total)
             cmd = [
@@ -283,6 +278,21 @@ def build_group(group: BinaryGroup, say: Say) -> str:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return "built from the pinned Go modules"
+
+
+def _fetch_modules(go: str, workdir: Path, env: dict[str, str], group: BinaryGroup) -> None:
+    """`go mod download`, with a progress line while it runs (minutes on a new machine)."""
+    progress = Progress(f"  fetching the Go modules of {group.module} {group.version}")
+    with tempfile.TemporaryFile(mode="w+") as errors:
+        proc = subprocess.Popen([go, "mod", "download"], cwd=workdir, env=env,
+                                stdout=subprocess.DEVNULL, stderr=errors, text=True)  # fmt: skip
+        while proc.poll() is None:
+            progress.update(detail="downloading")
+            time.sleep(0.5)
+        if proc.returncode != 0:
+            errors.seek(0)
+            raise _SourceUnavailable("could not fetch the Go modules:\n" + _tail(errors.read()))
+    progress.finish("done")
 
 
 def _rename_outputs(group: BinaryGroup, staging: Path) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labkit.errors import LabkitError
-from labkit.progress import format_duration
+from labkit.progress import Progress, format_duration
 from labkit.sandbox import binaries, procs
 from labkit.sandbox.binaries import Toolset
 from labkit.sandbox.pki import SERVICE_CIDR
@@ -88,8 +88,8 @@ class Sandbox:
             self._sweep()  # leftovers of a supervisor that was killed
             toolset = binaries.ensure(say=say)
             started = time.monotonic()
-            config = config or self.state.new_config({g.name: g.version for g in pins().groups})
-            previous = config.get("versions", {})
+            config = config or self.state.new_config()
+            previous = config.get("versions")
             config["versions"] = {g.name: g.version for g in pins().groups}
             if previous and previous != config["versions"]:
                 say(f"Upgrading sandbox {self.name!r} from {previous} to {config['versions']}.")
@@ -326,7 +326,16 @@ class Sandbox:
         pending = [c for c in (*COMPONENTS[1:], "etcd") if c in only]
         if "kube-controller-manager" in only:
             pending.append("controllers")
+        progress = Progress(f"starting sandbox {self.name!r}")
+        try:
+            self._wait_for(pending, config, progress, started, timeout)
+        finally:
+            progress.clear()
+        return time.monotonic() - started
+
+    def _wait_for(self, pending: list[str], config: dict, progress: Progress, started: float, timeout: float) -> None:
         while pending:
+            progress.update(detail="waiting for " + ", ".join(pending))
             for check in list(pending):
                 if check == "controllers":
                     ok = len(pending) == 1 and self._controllers_working(config)
@@ -353,7 +362,6 @@ class Sandbox:
                     f"`labkit sandbox logs {culprit}`. If its state is damaged: " + self.state.purge_hint(),
                 )
             time.sleep(0.05)
-        return time.monotonic() - started
 
     def _crashing(self, pending: list[str]) -> str | None:
         status = self.state.status() or {}
@@ -387,26 +395,30 @@ class Sandbox:
         """Stop the sandbox; True if something was running. ``purge`` also deletes its state."""
         with self.state.operation():
             running = bool(self.state.supervisor_pid())
+            damage: LabkitError | None = None
             try:
                 config = self.state.load()
-            except LabkitError:
-                if not purge:
-                    raise
-                config = None
+            except LabkitError as exc:  # stop it all the same; report the damage afterwards
+                config, damage = None, exc
             if running:
                 self._stop_supervisor()
             leftovers = self._sweep()
             if config:
                 self._wait_ports_closed(config)
-            if purge and self.state.exists():
+            purged = purge and self.state.exists()
+            if purged:
                 remove_tree(self.state.root)
+            if damage is not None and not purge:
+                if running or leftovers:
+                    say(f"Sandbox {self.name!r} stopped.")
+                raise damage
         if running or leftovers:
             say(f"Sandbox {self.name!r} stopped." + ("" if purge else " Its cluster state is kept for the next `up`."))
-        elif config is None and not purge:
+        elif config is None and not purged:
             say(f"There is no sandbox {self.name!r}; nothing to stop.")
         else:
             say(f"Sandbox {self.name!r} is not running.")
-        if purge:
+        if purged:
             say(f"Sandbox {self.name!r} purged: its state folder is deleted.")
         return running
 
@@ -445,6 +457,7 @@ class Sandbox:
     def _sweep(self) -> int:
         """Kill any component process left behind (a supervisor that was SIGKILLed, say)."""
         pids = self._own_processes()
+        found = len(pids)
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -454,7 +467,7 @@ class Sandbox:
         while pids and time.monotonic() < deadline:
             pids = [pid for pid in pids if procs.alive(pid)]
             time.sleep(0.02)
-        return len(pids)
+        return found
 
     def _wait_ports_closed(self, config: dict) -> None:
         deadline = time.monotonic() + 10

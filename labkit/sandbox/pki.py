@@ -90,6 +90,30 @@ def _name(common_name: str, organization: str | None = None) -> x509.Name:
     return x509.Name(attrs)
 
 
+def _builder(
+    subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, now: dt.datetime, days: int, *, ca: bool
+) -> x509.CertificateBuilder:
+    """What every certificate here shares: validity, basic constraints and key usage."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=True,
+                data_encipherment=False, key_agreement=False, key_cert_sign=ca,
+                crl_sign=ca, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+    )  # fmt: skip
+
+
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -162,25 +186,10 @@ class PKI:
             key = _new_key()
             subject = _name(common_name)
             cert = (
-                x509.CertificateBuilder()
-                .subject_name(subject)
-                .issuer_name(subject)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now)
-                .not_valid_after(now + dt.timedelta(days=CA_DAYS))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .add_extension(
-                    x509.KeyUsage(
-                        digital_signature=True, content_commitment=False, key_encipherment=True,
-                        data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                        crl_sign=True, encipher_only=False, decipher_only=False,
-                    ),
-                    critical=True,
-                )
+                _builder(subject, subject, key, now, CA_DAYS, ca=True)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                 .sign(key, hashes.SHA256())
-            )  # fmt: skip
+            )
             cas[stem] = (cert, key)
             _write(self.key(stem), _key_pem(key), private=True)
             _write(self.cert(stem), cert.public_bytes(serialization.Encoding.PEM))
@@ -194,27 +203,12 @@ class PKI:
             if spec.client:
                 usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
             builder = (
-                x509.CertificateBuilder()
-                .subject_name(_name(spec.common_name, spec.organization))
-                .issuer_name(ca_cert.subject)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now)
-                .not_valid_after(now + dt.timedelta(days=LEAF_DAYS))
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(
-                    x509.KeyUsage(
-                        digital_signature=True, content_commitment=False, key_encipherment=True,
-                        data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                        crl_sign=False, encipher_only=False, decipher_only=False,
-                    ),
-                    critical=True,
-                )
+                _builder(_name(spec.common_name, spec.organization), ca_cert.subject, key, now, LEAF_DAYS, ca=False)
                 .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
                 .add_extension(
                     x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
                 )
-            )  # fmt: skip
+            )
             if spec.dns or spec.ips:
                 names: list[x509.GeneralName] = [x509.DNSName(d) for d in spec.dns]
                 names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in spec.ips]

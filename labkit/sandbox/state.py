@@ -115,12 +115,12 @@ class SandboxState:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
         tmp.replace(self.config_file)
 
-    def new_config(self, versions: dict[str, str]) -> dict:
+    def new_config(self) -> dict:
         return {
             "format": FORMAT,
             "name": self.name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "versions": versions,
+            "versions": {},
             "ports": {},
         }
 
