@@ -25,7 +25,7 @@ binaries: $(VENV)/.installed
 lab: setup
 	$(BIN)/labkit sandbox up
 	eval "$$($(BIN)/labkit sandbox env)" && PATH="$(abspath $(BIN)):$$PATH" \
-	  $(BIN)/jupyter lab --notebook-dir=. $(LAB_ARGS)
+	  $(BIN)/jupyter lab --notebook-dir=. $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 ## test: the whole suite against real binaries
 test: setup

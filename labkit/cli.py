@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     except LabkitError as exc:
         print(f"labkit: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `labkit sandbox status | head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("labkit: interrupted. A sandbox that was starting goes on starting in the background; "
               "`labkit sandbox status` shows it and `labkit sandbox down` stops it.", file=sys.stderr)
