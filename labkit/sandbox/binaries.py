@@ -415,7 +415,8 @@ def install(
 def _install_group(
     group: BinaryGroup, explicit: Path | None, *, force: bool, build: bool, download: bool, say: Say
 ) -> None:
-    manifest = None if force else cached(group)
+    # An explicit folder is a statement of intent: it replaces whatever the cache holds.
+    manifest = None if force or explicit is not None else cached(group)
     if manifest is not None:
         say(f"{group.name} {group.version}: cached in {group_dir(group)} ({manifest['detail']})")
         return
