@@ -44,7 +44,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from labkit.sandbox.controlplane import Sandbox
 
-    Sandbox(args.name).up(say=_say, timeout=args.timeout)
+    Sandbox(args.name).up(say=_say, timeout=args.timeout, nodes=args.nodes)
     return 0
 
 
@@ -97,6 +97,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     print(f"  total memory: {_human_bytes(info['memory'])}")
     return 0 if info["running"] else 3
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from labkit.sandbox.controlplane import Sandbox
+
+    Sandbox(args.name).set_node_running(args.node, args.action == "start", say=_say)
+    return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -155,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = named("up", "start a sandbox (no-op if it runs) and wait until it is ready", cmd_up)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    p.add_argument("--nodes", type=int, default=None,
+                   help="how many nodes the node agent registers (kept for later `up`s; default 0)")
     p = named("down", "stop a sandbox; its cluster state is kept unless --purge", cmd_down)
     p.add_argument("--purge", action="store_true", help="also delete its state (certificates, etcd data, logs)")
     named("env", "print shell exports that point kubectl at a sandbox", cmd_env)
@@ -165,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("component", help="etcd, kube-apiserver, kube-controller-manager, kube-scheduler or supervisor")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.add_argument("--tail", type=int, default=0, help="only the last N lines")
+    p = named("node", "stop a node as if its machine were lost, or start it again", cmd_node)
+    p.add_argument("action", choices=("stop", "start"))
+    p.add_argument("node", help="node name, e.g. node-1")
     p = sub.add_parser("list", help="list sandboxes on this machine")
     p.set_defaults(func=cmd_list)
     return parser

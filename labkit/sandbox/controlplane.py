@@ -36,6 +36,10 @@ CLUSTER_CIDR = "10.244.0.0/16"
 PORT_RANGE = (20000, 32000)  # below Linux's ephemeral range, so outgoing connections never take them
 READY_TIMEOUT = 120.0
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+NODE_AGENT = "node-agent"
+DEFAULT_NODES = 0  # until the node agent runs pods, a sandbox has no nodes unless asked
+ZONES = ("zone-a", "zone-b", "zone-c")
+NODE_CAPACITY = {"cpu": "2", "memory": "4Gi", "pods": "110"}
 # Which port each component serves its health on, and the path to ask.
 HEALTH = {
     "etcd": ("etcd-client", "/health"),
@@ -69,10 +73,12 @@ class Sandbox:
     # ------------------------------------------------------------------------------------ up
 
     def up(
-        self, *, say=print, wait: bool = True, timeout: float = READY_TIMEOUT, only: tuple[str, ...] = COMPONENTS
+        self, *, say=print, wait: bool = True, timeout: float = READY_TIMEOUT, nodes: int | None = None,
+        only: tuple[str, ...] | None = None,
     ) -> dict:
         """Start the sandbox (a no-op if it runs); returns its config.
 
+        ``nodes`` sets how many nodes the node agent registers (kept for later `up`s);
         ``only`` starts a subset of the components (the benchmark's etcd + API server floor).
         """
         with self.state.operation():
@@ -84,11 +90,19 @@ class Sandbox:
                 if wait:
                     self.wait_ready(config, timeout=timeout, only=only)
                 say(f"Sandbox {self.name!r} is already running at {self.server(config)}.")
+                if nodes is not None and nodes != config.get("nodes", DEFAULT_NODES):
+                    say(f"It has {config.get('nodes', DEFAULT_NODES)} nodes; to have {nodes}, run "
+                        f"`labkit sandbox down` and `labkit sandbox up --nodes {nodes}`.")
                 return config
             self._sweep()  # leftovers of a supervisor that was killed
             toolset = binaries.ensure(say=say)
             started = time.monotonic()
             config = config or self.state.new_config()
+            if nodes is not None:
+                if not 0 <= nodes <= 20:
+                    raise LabkitError(f"--nodes {nodes}: a sandbox has 0 to 20 nodes.")
+                config["nodes"] = nodes
+            config.setdefault("nodes", DEFAULT_NODES)
             previous = config.get("versions")
             config["versions"] = {g.name: g.version for g in pins().groups}
             if previous and previous != config["versions"]:
@@ -102,6 +116,8 @@ class Sandbox:
                 config["ports"] = self._choose_ports(config.get("ports", {}), say)
                 self.state.save(config)
             self._write_kubeconfigs(config)
+            self._write_node_config(config)
+            only = only or self.component_names(config)
             (self.state.run / "components.json").write_text(json.dumps(
                 [c for c in self._components(config, toolset) if c["name"] in only], indent=2
             ))
@@ -249,8 +265,32 @@ class Sandbox:
         # The controllers start once the API server is ready: before that, the RBAC roles that
         # authorise them do not exist on a new cluster, and they would back off for seconds.
         readyz = {"after": f"https://127.0.0.1:{p['apiserver']}/readyz", "after_ca": c("ca")}
-        gated = {"kube-controller-manager", "kube-scheduler"}
-        return [{"name": name, "argv": argvs[name], **(readyz if name in gated else {})} for name in COMPONENTS]
+        argvs[NODE_AGENT] = [sys.executable, "-m", "labkit.sandbox.node.agent", str(self.state.root)]
+        gated = {"kube-controller-manager", "kube-scheduler", NODE_AGENT}
+        return [{"name": name, "argv": argvs[name], **(readyz if name in gated else {})}
+                for name in self.component_names(config)]  # fmt: skip
+
+    def component_names(self, config: dict) -> tuple[str, ...]:
+        return COMPONENTS + ((NODE_AGENT,) if config.get("nodes") else ())
+
+    def node_names(self, config: dict) -> list[str]:
+        return [f"node-{i}" for i in range(1, config.get("nodes", 0) + 1)]
+
+    def _write_node_config(self, config: dict) -> None:
+        """What the node agent serves: each node's identity, zone and capacity."""
+        nodes = []
+        for index, node in enumerate(self.node_names(config)):
+            stem = self.state.pki.ensure_node(node)
+            nodes.append({"name": node, "zone": ZONES[index % len(ZONES)], **NODE_CAPACITY,
+                          "cert": str(self.state.pki.cert(stem)), "key": str(self.state.pki.key(stem))})  # fmt: skip
+        markers = self.state.run / "nodes"
+        markers.mkdir(parents=True, exist_ok=True)
+        for marker in markers.glob("*.stopped"):  # a fresh start powers every node on
+            marker.unlink()
+        (self.state.run / "nodes.json").write_text(json.dumps({
+            "server": self.server(config), "ca": str(self.state.pki.cert("ca")),
+            "version": pins().kubernetes.version, "nodes": nodes,
+        }, indent=2))  # fmt: skip
 
     def _start_supervisor(self) -> None:
         log = open(self.state.logs / "supervisor.log", "ab")
@@ -317,15 +357,33 @@ class Sandbox:
         without which no Pod can be created in that namespace."""
         return self.api_get(config, "/api/v1/namespaces/default/serviceaccounts/default", timeout=1.0)[0] == 200
 
-    def wait_ready(self, config: dict, *, timeout: float = READY_TIMEOUT, only: tuple[str, ...] = COMPONENTS) -> float:
+    def ready_nodes(self, config: dict) -> set[str]:
+        """The sandbox's nodes whose Ready condition is True."""
+        status, body = self.api_get(config, "/api/v1/nodes", timeout=2.0)
+        if status != 200:
+            return set()
+        ready = set()
+        for node in json.loads(body).get("items", []):
+            for condition in node.get("status", {}).get("conditions", []):
+                if condition["type"] == "Ready" and condition["status"] == "True":
+                    ready.add(node["metadata"]["name"])
+        return ready
+
+    def _nodes_ready(self, config: dict) -> bool:
+        return set(self.node_names(config)) <= self.ready_nodes(config)
+
+    def wait_ready(self, config: dict, *, timeout: float = READY_TIMEOUT, only: tuple[str, ...] | None = None) -> float:
         """Wait until every component answers healthy and the controllers act.
 
         Fails early and clearly if a component keeps crashing, with the end of its log.
         """
         started = time.monotonic()
+        only = only or self.component_names(config)
         pending = [c for c in (*COMPONENTS[1:], "etcd") if c in only]
         if "kube-controller-manager" in only:
             pending.append("controllers")
+        if NODE_AGENT in only:
+            pending.append("nodes")
         progress = Progress(f"starting sandbox {self.name!r}")
         try:
             self._wait_for(pending, config, progress, started, timeout)
@@ -338,7 +396,9 @@ class Sandbox:
             progress.update(detail="waiting for " + ", ".join(pending))
             for check in list(pending):
                 if check == "controllers":
-                    ok = len(pending) == 1 and self._controllers_working(config)
+                    ok = pending[0] == "controllers" and self._controllers_working(config)
+                elif check == "nodes":
+                    ok = pending[0] == "nodes" and self._nodes_ready(config)
                 else:
                     ok = self.check_health(check, config, timeout=1.0)[0]
                 if ok:
@@ -353,7 +413,9 @@ class Sandbox:
             crashing = self._crashing(pending)
             elapsed = time.monotonic() - started
             if crashing or elapsed > timeout:
-                culprit = crashing or ("kube-controller-manager" if pending == ["controllers"] else pending[0])
+                culprit = crashing or {"controllers": "kube-controller-manager", "nodes": NODE_AGENT}.get(
+                    pending[0], pending[0]
+                )
                 what = "keeps exiting" if crashing else f"did not become ready within {timeout:.0f}s"
                 raise LabkitError(
                     f"{culprit} {what}. The end of its log ({self.state.logs / (culprit + '.log')}):\n"
@@ -449,7 +511,11 @@ class Sandbox:
             if not path:
                 continue
             args = procs.cmdline(pid)
-            ours = any(path.startswith(folder) for folder in folders) or Path(path).name in COMPONENTS
+            ours = (
+                any(path.startswith(folder) for folder in folders)
+                or Path(path).name in COMPONENTS
+                or any(arg.startswith("labkit.sandbox.") for arg in args)  # supervisor, node agent
+            )
             if ours and procs.mentions(args, self.state.root) and procs.alive(pid):
                 found.append(pid)
         return found
@@ -480,13 +546,33 @@ class Sandbox:
         raise LabkitError(f"Sandbox {self.name!r} stopped, but ports {busy} still accept connections.",
                           hint="Another program took them; `ss -ltnp` shows which.")
 
+    # ----------------------------------------------------------------------------------- nodes
+
+    def set_node_running(self, node: str, running: bool, *, say=print) -> None:
+        """Stop a node as if its machine were lost (no heartbeats), or bring it back."""
+        config = self.state.load()
+        if config is None or not self.state.supervisor_pid():
+            raise LabkitError(f"Sandbox {self.name!r} is not running.", hint="Start it with `labkit sandbox up`.")
+        names = self.node_names(config)
+        if node not in names:
+            raise LabkitError(f"Sandbox {self.name!r} has no node {node!r}.",
+                              hint="Its nodes: " + (", ".join(names) or "none (start it with --nodes N)") + ".")
+        marker = self.state.run / "nodes" / f"{node}.stopped"
+        if running:
+            marker.unlink(missing_ok=True)
+            say(f"Node {node} is starting; it reports Ready within seconds.")
+        else:
+            marker.touch()
+            say(f"Node {node} stopped: no more heartbeats. The node lifecycle controller marks it NotReady "
+                "after its grace period (50 s) and taints it; pods are evicted when their tolerations expire.")
+
     # ---------------------------------------------------------------------------------- status
 
     def components_status(self, config: dict) -> list[ComponentStatus]:
         status = self.state.status() or {}
         running = bool(self.state.supervisor_pid())
         result = []
-        for name in COMPONENTS:
+        for name in self.component_names(config):
             info = status.get("components", {}).get(name, {}) if running else {}
             pid = info.get("pid")
             alive = procs.alive(pid)
@@ -495,17 +581,17 @@ class Sandbox:
             if last:
                 how = f"signal {last['signal']}" if last.get("signal") else f"exit code {last.get('code')}"
                 last_text = f"{how} at {time.strftime('%H:%M:%S', time.localtime(last['at']))}"
-            port_key = HEALTH[name][0]
+            port_key = HEALTH.get(name, (None, None))[0]
             result.append(
                 ComponentStatus(
                     name=name,
                     state=("running" if alive else info.get("state", "stopped")) if running else "stopped",
                     pid=pid if alive else None,
-                    port=config["ports"].get(port_key),
+                    port=config["ports"].get(port_key) if port_key else None,
                     uptime=time.time() - info["started_at"] if alive and info.get("started_at") else None,
                     restarts=info.get("restarts", 0),
                     memory=procs.rss_bytes(pid) if alive else 0,
-                    healthy=self.check_health(name, config, timeout=1.0)[0] if alive else None,
+                    healthy=self.check_health(name, config, timeout=1.0)[0] if alive and port_key else None,
                     last_exit=last_text,
                 )
             )
@@ -549,7 +635,7 @@ class Sandbox:
         return {"KUBECONFIG": str(self.state.kubeconfig), "PATH": f"{kubectl_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def log_path(self, component: str) -> Path:
-        names = (*COMPONENTS, "supervisor")
+        names = (*COMPONENTS, NODE_AGENT, "supervisor")
         matches = [n for n in names if n == component] or [n for n in names if component in n]
         if len(matches) != 1:
             raise LabkitError(f"No component called {component!r}.", hint="Components: " + ", ".join(names) + ".")

@@ -195,27 +195,7 @@ class PKI:
             _write(self.cert(stem), cert.public_bytes(serialization.Encoding.PEM))
 
         for spec in CERTS:
-            ca_cert, ca_key = cas[spec.ca]
-            key = _new_key()
-            usages = []
-            if spec.server:
-                usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
-            if spec.client:
-                usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
-            builder = (
-                _builder(_name(spec.common_name, spec.organization), ca_cert.subject, key, now, LEAF_DAYS, ca=False)
-                .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-                .add_extension(
-                    x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-                )
-            )
-            if spec.dns or spec.ips:
-                names: list[x509.GeneralName] = [x509.DNSName(d) for d in spec.dns]
-                names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in spec.ips]
-                builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-            cert = builder.sign(ca_key, hashes.SHA256())
-            _write(self.key(spec.stem), _key_pem(key), private=True)
-            _write(self.cert(spec.stem), cert.public_bytes(serialization.Encoding.PEM))
+            self._issue(spec, *cas[spec.ca], now)
 
         sa = _new_key()
         _write(self.sa_key, _key_pem(sa), private=True)
@@ -225,6 +205,41 @@ class PKI:
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             ),
         )
+
+    def _issue(
+        self, spec: CertSpec, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, now: dt.datetime
+    ) -> None:
+        key = _new_key()
+        usages = []
+        if spec.server:
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        if spec.client:
+            usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+        builder = (
+            _builder(_name(spec.common_name, spec.organization), ca_cert.subject, key, now, LEAF_DAYS, ca=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        )
+        if spec.dns or spec.ips:
+            names: list[x509.GeneralName] = [x509.DNSName(d) for d in spec.dns]
+            names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in spec.ips]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        _write(self.key(spec.stem), _key_pem(key), private=True)
+        _write(self.cert(spec.stem), cert.public_bytes(serialization.Encoding.PEM))
+
+    def ensure_node(self, node: str) -> str:
+        """A node's client certificate, ``system:node:NAME`` in ``system:nodes`` (as kubelet TLS
+        bootstrap would obtain); returns its file stem."""
+        stem = f"nodes/{node}"
+        if not (self.cert(stem).exists() and self.key(stem).exists()):
+            ca_cert = x509.load_pem_x509_certificate(self.cert("ca").read_bytes())
+            ca_key = serialization.load_pem_private_key(self.key("ca").read_bytes(), password=None)
+            assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+            now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+            spec = CertSpec(stem, "ca", f"system:node:{node}", "system:nodes", client=True)
+            self._issue(spec, ca_cert, ca_key, now)
+        return stem
 
     def kubeconfig(self, *, cluster: str, server: str, user: str, stem: str) -> str:
         """A self-contained kubeconfig (certificates embedded) for client certificate ``stem``."""

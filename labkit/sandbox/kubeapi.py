@@ -1,0 +1,63 @@
+"""A very small Kubernetes API client for the sandbox's own processes.
+
+The node agent speaks to the API server as each of its nodes (``system:node:NAME``),
+so that the Node authorizer and the NodeRestriction admission plugin judge it
+exactly as they judge a kubelet. It needs a handful of JSON requests, which this
+does with the standard library, keeping the agent's memory small.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+
+
+class APIError(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        self.status = status
+        self.body = body
+        try:
+            message = json.loads(body).get("message", body)
+        except ValueError:
+            message = body
+        super().__init__(f"HTTP {status}: {message}")
+
+
+class KubeAPI:
+    """Client-certificate access to one API server."""
+
+    def __init__(self, server: str, ca: Path, cert: Path, key: Path) -> None:
+        self.server = server.rstrip("/")
+        self.context = ssl.create_default_context(cafile=str(ca))
+        self.context.load_cert_chain(str(cert), str(key))
+
+    def request(
+        self, method: str, path: str, body: dict | None = None, *, content_type: str = "application/json",
+        timeout: float = 10.0,
+    ) -> dict:  # fmt: skip
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.server + path, data=data, method=method)
+        request.add_header("Accept", "application/json")
+        if data is not None:
+            request.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout, context=self.context) as response:
+                text = response.read().decode()
+        except urllib.error.HTTPError as exc:
+            raise APIError(exc.code, exc.read().decode(errors="replace")) from None
+        return json.loads(text) if text else {}
+
+    def get(self, path: str) -> dict | None:
+        """The object at ``path``, or None if it does not exist."""
+        try:
+            return self.request("GET", path)
+        except APIError as exc:
+            if exc.status == 404:
+                return None
+            raise

@@ -1,0 +1,223 @@
+"""The node agent: labkit's kubelet for the sandbox's nodes.
+
+One agent process serves all the sandbox's nodes; for each node it does what a
+kubelet's node-status and lease machinery does:
+
+* registers the Node (capacity, allocatable, labels with a zone, addresses,
+  kubelet version, conditions) with the node's own credentials
+  (``system:node:NAME``), so the Node authorizer and NodeRestriction judge it as
+  they judge a kubelet;
+* renews the node's Lease in ``kube-node-lease`` every 10 s (a 40 s lease, the
+  kubelet's defaults), which is the heartbeat the node lifecycle controller
+  watches;
+* posts the node's status when it changes, and at least every minute.
+
+A node is *stopped* (``labkit sandbox node stop NODE``) by a marker file in
+``run/nodes/``: its heartbeats stop, as when a machine is lost, and the real
+node lifecycle controller marks it NotReady, taints it and evicts its pods.
+Removing the marker (``node start``) brings it back. Running pods as processes
+is the next part of this agent (pod workers, status manager, prober manager).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, KubeAPI
+
+LEASE_SECONDS = 40  # kubelet's nodeLeaseDurationSeconds
+RENEW_EVERY = 10.0  # a quarter of the lease, as the kubelet renews it
+STATUS_EVERY = 60.0  # the kubelet reports unchanged status every nodeStatusReportFrequency (5 min); we are chattier
+LEASE_NAMESPACE = "kube-node-lease"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _time(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _micro_time(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class NodeSpec:
+    """What the agent is told about one node (run/nodes.json, written by `labkit sandbox up`)."""
+
+    name: str
+    zone: str
+    cpu: str
+    memory: str
+    pods: str
+    cert: str
+    key: str
+
+
+class NodeHeartbeat(threading.Thread):
+    """Registration, lease renewal and status of one node."""
+
+    def __init__(self, spec: NodeSpec, server: str, ca: Path, version: str, run_dir: Path,
+                 stopping: threading.Event) -> None:  # fmt: skip
+        super().__init__(name=f"node-{spec.name}", daemon=True)
+        self.spec = spec
+        self.api = KubeAPI(server, ca, Path(spec.cert), Path(spec.key))
+        self.version = version
+        self.marker = run_dir / "nodes" / f"{spec.name}.stopped"
+        self.stopping = stopping
+        self.ready_since: dt.datetime | None = None
+        self.last_status = 0.0
+        self.uid: str | None = None
+
+    # -- the node object ---------------------------------------------------------------------
+
+    def _conditions(self, now: dt.datetime) -> list[dict]:
+        assert self.ready_since is not None
+        since = _time(self.ready_since)
+
+        def condition(kind: str, status: str, reason: str, message: str) -> dict:
+            return {"type": kind, "status": status, "reason": reason, "message": message,
+                    "lastHeartbeatTime": _time(now), "lastTransitionTime": since}  # fmt: skip
+
+        return [
+            condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+            condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+            condition("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+            condition("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+        ]
+
+    def _status(self, now: dt.datetime) -> dict:
+        resources = {"cpu": self.spec.cpu, "memory": self.spec.memory, "pods": self.spec.pods,
+                     "ephemeral-storage": "20Gi"}  # fmt: skip
+        arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+        return {
+            "capacity": resources,
+            "allocatable": resources,
+            "conditions": self._conditions(now),
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
+                          {"type": "Hostname", "address": self.spec.name}],  # fmt: skip
+            "nodeInfo": {
+                "machineID": uuid.uuid5(uuid.NAMESPACE_DNS, self.spec.name).hex,
+                "systemUUID": str(uuid.uuid5(uuid.NAMESPACE_URL, self.spec.name)),
+                "bootID": str(uuid.uuid4()),
+                "kernelVersion": platform.release(),
+                "osImage": "labkit sandbox node",
+                "containerRuntimeVersion": "labkit://processes",
+                "kubeletVersion": self.version,
+                "operatingSystem": "linux",
+                "architecture": arch,
+            },
+        }
+
+    def register(self) -> None:
+        now = _now()
+        self.ready_since = now
+        node = self.api.get(f"/api/v1/nodes/{self.spec.name}")
+        if node is None:
+            body = {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": self.spec.name,
+                    "labels": {
+                        "kubernetes.io/hostname": self.spec.name,
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": self._status(now)["nodeInfo"]["architecture"],
+                        "topology.kubernetes.io/zone": self.spec.zone,
+                        "node.kubernetes.io/instance-type": "labkit-sandbox",
+                    },
+                    "annotations": {"volumes.kubernetes.io/controller-managed-attach-detach": "true"},
+                },
+                "spec": {},
+                "status": self._status(now),
+            }
+            node = self.api.request("POST", "/api/v1/nodes", body)
+        self.uid = node["metadata"]["uid"]
+        self.post_status()
+
+    def post_status(self) -> None:
+        self.api.request("PATCH", f"/api/v1/nodes/{self.spec.name}/status", {"status": self._status(_now())},
+                         content_type=STRATEGIC_MERGE_PATCH)  # fmt: skip
+        self.last_status = time.monotonic()
+
+    def renew_lease(self) -> None:
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases/{self.spec.name}"
+        spec = {"holderIdentity": self.spec.name, "leaseDurationSeconds": LEASE_SECONDS,
+                "renewTime": _micro_time(_now())}  # fmt: skip
+        lease = self.api.get(path)
+        if lease is None:
+            owner = {"apiVersion": "v1", "kind": "Node", "name": self.spec.name, "uid": self.uid}
+            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": self.spec.name, "namespace": LEASE_NAMESPACE, "ownerReferences": [owner]},
+                    "spec": spec}  # fmt: skip
+            self.api.request("POST", f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases", body)
+        else:
+            lease["spec"].update(spec)
+            self.api.request("PUT", path, lease)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        registered = False
+        next_beat = 0.0
+        while not self.stopping.is_set():
+            if self.marker.exists():  # the machine is "lost": no heartbeats at all
+                registered = False
+                self.stopping.wait(0.5)
+                continue
+            now = time.monotonic()
+            if now >= next_beat:
+                try:
+                    if not registered:
+                        self.register()
+                        registered = True
+                        _log(f"node {self.spec.name} registered and ready")
+                    self.renew_lease()
+                    if time.monotonic() - self.last_status >= STATUS_EVERY:
+                        self.post_status()
+                    next_beat = now + RENEW_EVERY
+                except (APIError, OSError) as exc:
+                    _log(f"node {self.spec.name}: {exc}; retrying")
+                    next_beat = now + 1.0
+            self.stopping.wait(0.5)
+
+
+def _log(message: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", flush=True)
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print("usage: python -m labkit.sandbox.node.agent STATE_DIR", file=sys.stderr)
+        return 2
+    root = Path(sys.argv[1])
+    config = json.loads((root / "run" / "nodes.json").read_text())
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    threads = [
+        NodeHeartbeat(NodeSpec(**node), config["server"], Path(config["ca"]), config["version"], root / "run", stopping)
+        for node in config["nodes"]
+    ]
+    for thread in threads:
+        thread.start()
+    _log(f"node agent serving {', '.join(t.spec.name for t in threads)}")
+    while not stopping.is_set():
+        stopping.wait(1.0)
+    _log("node agent stopping")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
