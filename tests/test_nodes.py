@@ -7,7 +7,7 @@ import signal
 import time
 
 import pytest
-from conftest import eventually, kubectl, kubectl_json, run_labkit
+from conftest import eventually, kubectl, kubectl_json, run_labkit, sandbox_processes
 
 from labkit.sandbox.controlplane import Sandbox
 
@@ -27,6 +27,12 @@ def cluster(tools) -> Sandbox:  # noqa: ANN001
 
 def _ready(node: dict) -> str:
     return next(c["status"] for c in node["status"]["conditions"] if c["type"] == "Ready")
+
+
+def _node_events(cluster: Sandbox, node: str) -> list[str]:
+    events = kubectl_json(cluster, "get", "events", "-n", "default",
+                          "--field-selector", f"involvedObject.kind=Node,involvedObject.name={node}")  # fmt: skip
+    return [e["reason"] for e in events["items"]]
 
 
 def test_nodes_register_ready_spread_over_zones(cluster: Sandbox) -> None:
@@ -86,6 +92,7 @@ def test_killed_agent_is_restarted_and_nodes_stay_ready(cluster: Sandbox) -> Non
 
 
 def test_node_stop_makes_the_control_plane_mark_it_unreachable(cluster: Sandbox) -> None:
+    before = _node_events(cluster, "node-2")
     stop = run_labkit("sandbox", "node", "stop", "node-2", "--name", cluster.name)
     assert stop.returncode == 0 and "no more heartbeats" in stop.stderr
     # The real node lifecycle controller: after its 50 s grace period, Ready is Unknown and the
@@ -94,9 +101,13 @@ def test_node_stop_makes_the_control_plane_mark_it_unreachable(cluster: Sandbox)
         lambda: (n := kubectl_json(cluster, "get", "node", "node-2")) and _ready(n) == "Unknown" and n,
         timeout=120, what="node-2 to become NotReady",
     )  # fmt: skip
-    taints = {(t["key"], t["effect"]) for t in node["spec"].get("taints", [])}
-    assert ("node.kubernetes.io/unreachable", "NoExecute") in taints
-    assert ("node.kubernetes.io/unreachable", "NoSchedule") in taints
+    assert next(c for c in node["status"]["conditions"] if c["type"] == "Ready")["reason"] == "NodeStatusUnknown"
+    unreachable = {("node.kubernetes.io/unreachable", "NoExecute"), ("node.kubernetes.io/unreachable", "NoSchedule")}
+    eventually(  # the two taints come from two controller loops, moments apart
+        lambda: unreachable <= {(t["key"], t["effect"])
+                                for t in kubectl_json(cluster, "get", "node", "node-2")["spec"].get("taints", [])},
+        timeout=30, what="the unreachable taints",
+    )  # fmt: skip
     assert _ready(kubectl_json(cluster, "get", "node", "node-1")) == "True"  # the others carry on
 
     start = run_labkit("sandbox", "node", "start", "node-2", "--name", cluster.name)
@@ -106,6 +117,12 @@ def test_node_stop_makes_the_control_plane_mark_it_unreachable(cluster: Sandbox)
         and not n["spec"].get("taints"),
         timeout=60, what="node-2 to be Ready without taints",
     )  # fmt: skip
+    after = _node_events(cluster, "node-2")
+    assert "NodeNotReady" in after  # the controller's
+    assert after.count("Starting") == before.count("Starting") + 1  # the agent's, as a kubelet starting
+    assert after.count("NodeReady") == before.count("NodeReady") + 1
+    described = kubectl(cluster, "describe", "node", "node-2").stdout
+    assert "Starting kubelet." in described and "status is now: NodeReady" in described
 
 
 def test_cordon_marks_a_node_unschedulable(cluster: Sandbox) -> None:
@@ -126,3 +143,9 @@ def test_unknown_node_gives_a_clear_message(cluster: Sandbox) -> None:
 def test_status_lists_the_agent(cluster: Sandbox) -> None:
     text = run_labkit("sandbox", "status", "--name", cluster.name).stdout
     assert "node-agent" in text
+
+
+def test_down_stops_the_agent_too(cluster: Sandbox) -> None:  # runs last: it stops the module's sandbox
+    assert len(sandbox_processes(cluster)) == 6  # supervisor, four components, node agent
+    cluster.down(say=_quiet)
+    assert sandbox_processes(cluster) == []

@@ -327,30 +327,28 @@ class Sandbox:
         context.load_cert_chain(str(pki.cert("apiserver-etcd-client")), str(pki.key("apiserver-etcd-client")))
         return context
 
-    def check_health(self, component: str, config: dict, timeout: float = 2.0) -> tuple[bool, str]:
-        """Ask one component's health endpoint; returns (healthy, what it said)."""
-        port_key, path = HEALTH[component]
-        url = f"https://127.0.0.1:{config['ports'][port_key]}{path}"
-        context = self._etcd_context() if component == "etcd" else self._ssl_context(component == "kube-apiserver")
+    @staticmethod
+    def _fetch(url: str, context: ssl.SSLContext, timeout: float) -> tuple[int, str]:
+        """GET ``url``: (HTTP status, body), with status 0 when nothing answered."""
         try:
             with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
-                body = response.read().decode(errors="replace")
-                return response.status == 200, body.strip()
-        except urllib.error.HTTPError as exc:
-            return False, exc.read().decode(errors="replace").strip()
-        except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
-            return False, str(getattr(exc, "reason", exc))
-
-    def api_get(self, config: dict, path: str, timeout: float = 2.0) -> tuple[int, str]:
-        """GET a path of this sandbox's API as its admin: (HTTP status, body); status 0 if unreachable."""
-        url = self.server(config) + path
-        try:
-            with urllib.request.urlopen(url, timeout=timeout, context=self._ssl_context(True)) as response:
                 return response.status, response.read().decode(errors="replace")
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode(errors="replace")
         except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
             return 0, str(getattr(exc, "reason", exc))
+
+    def check_health(self, component: str, config: dict, timeout: float = 2.0) -> tuple[bool, str]:
+        """Ask one component's health endpoint; returns (healthy, what it said)."""
+        port_key, path = HEALTH[component]
+        url = f"https://127.0.0.1:{config['ports'][port_key]}{path}"
+        context = self._etcd_context() if component == "etcd" else self._ssl_context(component == "kube-apiserver")
+        status, body = self._fetch(url, context, timeout)
+        return status == 200, body.strip()
+
+    def api_get(self, config: dict, path: str, timeout: float = 2.0) -> tuple[int, str]:
+        """GET a path of this sandbox's API as its admin: (HTTP status, body); status 0 if unreachable."""
+        return self._fetch(self.server(config) + path, self._ssl_context(True), timeout)
 
     def _controllers_working(self, config: dict) -> bool:
         """The controller-manager acts, not just answers: it has made `default`'s ServiceAccount,

@@ -144,7 +144,29 @@ class NodeHeartbeat(threading.Thread):
             }
             node = self.api.request("POST", "/api/v1/nodes", body)
         self.uid = node["metadata"]["uid"]
+        self.event("Starting", "Starting kubelet.")
         self.post_status()
+        self.event("NodeReady", f"Node {self.spec.name} status is now: NodeReady")
+
+    def event(self, reason: str, message: str, kind: str = "Normal") -> None:
+        """An Event about this node, as the kubelet reports one (`kubectl describe node` shows it)."""
+        now = _time(_now())
+        self.api.request("POST", "/api/v1/namespaces/default/events", {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{self.spec.name}.", "namespace": "default"},
+            # The kubelet refers to its Node by name, using the name as the UID too.
+            "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": self.spec.name, "uid": self.spec.name},
+            "reason": reason,
+            "message": message,
+            "type": kind,
+            "source": {"component": "kubelet", "host": self.spec.name},
+            "reportingComponent": "kubelet",
+            "reportingInstance": self.spec.name,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        })  # fmt: skip
 
     def post_status(self) -> None:
         self.api.request("PATCH", f"/api/v1/nodes/{self.spec.name}/status", {"status": self._status(_now())},
