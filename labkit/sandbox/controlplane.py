@@ -519,8 +519,8 @@ class Sandbox:
         return found
 
     def _sweep(self) -> int:
-        """Kill any component process left behind (a supervisor that was SIGKILLed, say)."""
-        pids = self._own_processes()
+        """Kill any process left behind (a supervisor that was SIGKILLed, say): components and pods."""
+        pids = self._own_processes() + procs.running_in(self.state.root / "pods")
         found = len(pids)
         for pid in pids:
             try:

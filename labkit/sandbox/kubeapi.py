@@ -8,6 +8,7 @@ does with the standard library, keeping the agent's memory small.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import ssl
 import urllib.error
@@ -53,6 +54,18 @@ class KubeAPI:
             raise APIError(exc.code, exc.read().decode(errors="replace")) from None
         return json.loads(text) if text else {}
 
+    def stream(self, path: str, timeout: float = 90.0):  # noqa: ANN201 - a generator of dicts
+        """The events of a watch request, one JSON object per line, until the server ends it."""
+        request = urllib.request.Request(self.server + path, method="GET")
+        request.add_header("Accept", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout, context=self.context) as response:
+                for line in response:
+                    if line.strip():
+                        yield json.loads(line)
+        except urllib.error.HTTPError as exc:
+            raise APIError(exc.code, exc.read().decode(errors="replace")) from None
+
     def get(self, path: str) -> dict | None:
         """The object at ``path``, or None if it does not exist."""
         try:
@@ -61,3 +74,24 @@ class KubeAPI:
             if exc.status == 404:
                 return None
             raise
+
+
+def kubelet_event(involved: dict, reason: str, message: str, *, kind: str, node: str) -> dict:
+    """An Event as a kubelet on ``node`` reports one about ``involved`` (a Node or a Pod)."""
+    namespace = involved.get("namespace", "default")  # events about nodes live in `default`
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{involved['name']}.", "namespace": namespace},
+        "involvedObject": involved,
+        "reason": reason,
+        "message": message,
+        "type": kind,
+        "source": {"component": "kubelet", "host": node},
+        "reportingComponent": "kubelet",
+        "reportingInstance": node,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }

@@ -51,6 +51,13 @@ def exe(pid: int) -> str | None:
         return None
 
 
+def cwd(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
 def cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -86,3 +93,9 @@ def mentions(args: list[str], folder: Path) -> bool:
     whose name merely starts the same, as ``sandboxes/ab`` does for ``sandboxes/a``)."""
     text = str(folder)
     return any(arg.endswith(text) or text + os.sep in arg for arg in args)
+
+
+def running_in(folder: Path) -> list[int]:
+    """Live processes whose working directory is inside ``folder`` (a pod's containers)."""
+    prefix = str(folder) + os.sep
+    return [pid for pid in all_pids() if (cwd(pid) or "").startswith(prefix) and pid != os.getpid() and alive(pid)]

@@ -15,14 +15,15 @@ kubelet's node-status and lease machinery does:
 A node is *stopped* (``labkit sandbox node stop NODE``) by a marker file in
 ``run/nodes/``: its heartbeats stop, as when a machine is lost, and the real
 node lifecycle controller marks it NotReady, taints it and evicts its pods.
-Removing the marker (``node start``) brings it back. Running pods as processes
-is the next part of this agent (pod workers, status manager, prober manager).
+Removing the marker (``node start``) brings it back. The pods bound to each node
+run as local processes (pods.py).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import signal
 import sys
@@ -32,7 +33,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, KubeAPI
+from labkit.sandbox import procs
+from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, KubeAPI, kubelet_event
+from labkit.sandbox.node.pods import PodSource
 
 LEASE_SECONDS = 40  # kubelet's nodeLeaseDurationSeconds
 RENEW_EVERY = 10.0  # a quarter of the lease, as the kubelet renews it
@@ -79,6 +82,7 @@ class NodeHeartbeat(threading.Thread):
         self.ready_since: dt.datetime | None = None
         self.last_status = 0.0
         self.uid: str | None = None
+        self.pods = PodSource(spec.name, self.api, run_dir.parent / "pods" / spec.name, stopping, _log)
 
     # -- the node object ---------------------------------------------------------------------
 
@@ -150,23 +154,10 @@ class NodeHeartbeat(threading.Thread):
 
     def event(self, reason: str, message: str, kind: str = "Normal") -> None:
         """An Event about this node, as the kubelet reports one (`kubectl describe node` shows it)."""
-        now = _time(_now())
-        self.api.request("POST", "/api/v1/namespaces/default/events", {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{self.spec.name}.", "namespace": "default"},
-            # The kubelet refers to its Node by name, using the name as the UID too.
-            "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": self.spec.name, "uid": self.spec.name},
-            "reason": reason,
-            "message": message,
-            "type": kind,
-            "source": {"component": "kubelet", "host": self.spec.name},
-            "reportingComponent": "kubelet",
-            "reportingInstance": self.spec.name,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        })  # fmt: skip
+        # The kubelet refers to its Node by name, using the name as the UID too.
+        involved = {"apiVersion": "v1", "kind": "Node", "name": self.spec.name, "uid": self.spec.name}
+        self.api.request("POST", "/api/v1/namespaces/default/events",
+                         kubelet_event(involved, reason, message, kind=kind, node=self.spec.name))
 
     def post_status(self) -> None:
         self.api.request("PATCH", f"/api/v1/nodes/{self.spec.name}/status", {"status": self._status(_now())},
@@ -194,8 +185,9 @@ class NodeHeartbeat(threading.Thread):
         registered = False
         next_beat = 0.0
         while not self.stopping.is_set():
-            if self.marker.exists():  # the machine is "lost": no heartbeats at all
+            if self.marker.exists():  # the machine is "lost": no heartbeats, its processes die
                 registered = False
+                self.pods.paused.set()
                 self.stopping.wait(0.5)
                 continue
             now = time.monotonic()
@@ -205,6 +197,9 @@ class NodeHeartbeat(threading.Thread):
                         self.register()
                         registered = True
                         _log(f"node {self.spec.name} registered and ready")
+                        self.pods.paused.clear()
+                        if not self.pods.is_alive():
+                            self.pods.start()
                     self.renew_lease()
                     if time.monotonic() - self.last_status >= STATUS_EVERY:
                         self.post_status()
@@ -225,6 +220,9 @@ def main() -> int:
         return 2
     root = Path(sys.argv[1])
     config = json.loads((root / "run" / "nodes.json").read_text())
+    # Processes a previous agent left behind (it was killed with SIGKILL) are cleaned up:
+    # their pods get fresh containers, as after a kubelet restart with a wiped runtime.
+    _kill_leftovers(root)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
@@ -238,7 +236,21 @@ def main() -> int:
     while not stopping.is_set():
         stopping.wait(1.0)
     _log("node agent stopping")
+    workers = [worker for thread in threads for worker in thread.pods.workers.values()]
+    for thread in threads:
+        thread.pods.stop_all()
+    for worker in workers:
+        worker.finished.wait(10)
+    _kill_leftovers(root)
     return 0
+
+
+def _kill_leftovers(root: Path) -> None:
+    for pid in procs.running_in(root / "pods"):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 if __name__ == "__main__":
