@@ -15,8 +15,17 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+
+
+def api_time(moment: dt.datetime | None = None) -> str:
+    """A Time as the API writes it (seconds, UTC): condition and container timestamps."""
+    return (moment or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def api_micro_time(moment: dt.datetime | None = None) -> str:
+    """A MicroTime (microseconds, UTC), as a Lease's renewTime."""
+    return (moment or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class APIError(Exception):
@@ -79,7 +88,7 @@ class KubeAPI:
 def kubelet_event(involved: dict, reason: str, message: str, *, kind: str, node: str) -> dict:
     """An Event as a kubelet on ``node`` reports one about ``involved`` (a Node or a Pod)."""
     namespace = involved.get("namespace", "default")  # events about nodes live in `default`
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = api_time()
     return {
         "apiVersion": "v1",
         "kind": "Event",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -107,6 +108,7 @@ class Supervisor:
         while not self.stopping:
             changed = False
             now = time.monotonic()
+            probed: dict[str, bool] = {}  # each dependency asked at most once a pass
             for component in self.components:
                 if component.process is not None and component.process.poll() is not None:
                     self._exited(component)
@@ -115,7 +117,7 @@ class Supervisor:
                     component.process is None
                     and now >= component.next_start
                     and not self.stopping
-                    and self._dependency_ready(component)
+                    and self._dependency_ready(component, probed)
                 ):
                     self._start(component)
                     changed = True
@@ -127,15 +129,17 @@ class Supervisor:
         self._log("supervisor stopped")
         return 0
 
-    def _dependency_ready(self, component: Component) -> bool:
+    def _dependency_ready(self, component: Component, probed: dict[str, bool]) -> bool:
         if not component.after:
             return True
-        try:
-            context = ssl.create_default_context(cafile=component.after_ca)
-            with urllib.request.urlopen(component.after, timeout=0.5, context=context) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError, ssl.SSLError, ValueError):
-            return False
+        if component.after not in probed:
+            try:
+                context = _tls_context(component.after_ca)
+                with urllib.request.urlopen(component.after, timeout=0.5, context=context) as response:
+                    probed[component.after] = response.status == 200
+            except (urllib.error.URLError, OSError, ssl.SSLError, ValueError):
+                probed[component.after] = False
+        return probed[component.after]
 
     def _on_stop(self, signum: int, _frame: object) -> None:
         self.stopping = True
@@ -230,6 +234,11 @@ class Supervisor:
 
     def _log(self, message: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", flush=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _tls_context(cafile: str | None) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cafile)
 
 
 def main() -> int:

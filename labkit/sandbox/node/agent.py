@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labkit.sandbox import procs
-from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, KubeAPI, kubelet_event
+from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, KubeAPI, api_micro_time, api_time, kubelet_event
 from labkit.sandbox.node.pods import PodSource
 
 LEASE_SECONDS = 40  # kubelet's nodeLeaseDurationSeconds
@@ -45,14 +45,6 @@ LEASE_NAMESPACE = "kube-node-lease"
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def _time(moment: dt.datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _micro_time(moment: dt.datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass
@@ -88,11 +80,11 @@ class NodeHeartbeat(threading.Thread):
 
     def _conditions(self, now: dt.datetime) -> list[dict]:
         assert self.ready_since is not None
-        since = _time(self.ready_since)
+        since = api_time(self.ready_since)
 
         def condition(kind: str, status: str, reason: str, message: str) -> dict:
             return {"type": kind, "status": status, "reason": reason, "message": message,
-                    "lastHeartbeatTime": _time(now), "lastTransitionTime": since}  # fmt: skip
+                    "lastHeartbeatTime": api_time(now), "lastTransitionTime": since}  # fmt: skip
 
         return [
             condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
@@ -167,7 +159,7 @@ class NodeHeartbeat(threading.Thread):
     def renew_lease(self) -> None:
         path = f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases/{self.spec.name}"
         spec = {"holderIdentity": self.spec.name, "leaseDurationSeconds": LEASE_SECONDS,
-                "renewTime": _micro_time(_now())}  # fmt: skip
+                "renewTime": api_micro_time()}  # fmt: skip
         lease = self.api.get(path)
         if lease is None:
             owner = {"apiVersion": "v1", "kind": "Node", "name": self.spec.name, "uid": self.uid}

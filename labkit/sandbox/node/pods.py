@@ -10,7 +10,6 @@ as the API documents it.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import signal
@@ -21,17 +20,13 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, KubeAPI, kubelet_event
+from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, KubeAPI, api_time, kubelet_event
 from labkit.sandbox.node import images
 
 BACKOFF_START = 10.0  # the kubelet's CrashLoopBackOff: 10 s, doubling, at most 5 min
 BACKOFF_MAX = 300.0
 BACKOFF_RESET_AFTER = 600.0  # a container that ran 10 min resets its back-off
 PULL_BACKOFF_MAX = 300.0
-
-
-def now_text() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -44,6 +39,7 @@ class Container:
     started_mono: float = 0.0
     restarts: int = 0
     state: dict = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
+    image_id: str = ""
     last_state: dict = field(default_factory=dict)
     next_start: float = 0.0
     backoff: float = 0.0  # the first restart is immediate, then 10 s, 20 s, 40 s ... 5 min
@@ -68,7 +64,7 @@ class PodWorker(threading.Thread):
         self.log = log
         self.lock = threading.Lock()
         self.containers = [Container(spec) for spec in pod["spec"].get("containers", [])]
-        self.start_time = now_text()
+        self.start_time = api_time()
         self.finished = threading.Event()
         self.last_reported: str | None = None
         self.lost = False  # the node is gone: kill, but tell the API nothing
@@ -156,18 +152,20 @@ class PodWorker(threading.Thread):
         if image is None:
             message = (f"Failed to pull image \"{container.spec.get('image')}\": labkit's image catalog has no "
                        "such image (the sandbox runs busybox, alpine, python and the course's own apps)")  # fmt: skip
-            first = container.state.get("waiting", {}).get("reason") != "ImagePullBackOff"
-            reason = "ErrImagePull" if container.state.get("waiting", {}).get("reason") != "ErrImagePull" else "ImagePullBackOff"
+            # A failed pull (ErrImagePull) and the wait before the next (ImagePullBackOff) alternate.
+            previous = container.state.get("waiting", {}).get("reason")
+            reason = "ImagePullBackOff" if previous == "ErrImagePull" else "ErrImagePull"
             container.state = {"waiting": {"reason": reason, "message": message}}
-            if first:
+            if reason == "ErrImagePull":
                 self.event("Failed", message, kind="Warning", container=container.name)
+            else:
+                self.event("BackOff", f"Back-off pulling image \"{container.spec.get('image')}\"",
+                           container=container.name)  # fmt: skip
             delay = container.backoff
             container.backoff = min(PULL_BACKOFF_MAX, max(BACKOFF_START, container.backoff * 2))
             container.next_start = time.monotonic() + max(delay, 1.0)
-            if reason == "ImagePullBackOff":
-                self.event("BackOff", f"Back-off pulling image \"{container.spec.get('image')}\"", kind="Normal",
-                           container=container.name)  # fmt: skip
             return
+        container.image_id = image.image_id
         argv = image.argv(container.spec.get("command"), container.spec.get("args"))
         program = images.executable(argv[0]) if argv else None
         if program is None:
@@ -204,7 +202,7 @@ class PodWorker(threading.Thread):
         if container.restarting:
             container.restarts += 1
             container.restarting = False
-        container.started_at = now_text()
+        container.started_at = api_time()
         container.started_mono = time.monotonic()
         container.state = {"running": {"startedAt": container.started_at}}
         self.event("Created", f"Created container: {container.name}", container=container.name)
@@ -216,7 +214,7 @@ class PodWorker(threading.Thread):
             "exitCode": exit_code,
             "reason": "Completed" if exit_code == 0 else "Error",
             "startedAt": container.started_at,
-            "finishedAt": now_text(),
+            "finishedAt": api_time(),
             "containerID": f"labkit://{container.process.pid}" if container.process else "",
         }
         container.process = None
@@ -248,13 +246,13 @@ class PodWorker(threading.Thread):
         return "Pending"
 
     def status(self) -> dict:
-        stamp = now_text()
+        stamp = api_time()
         statuses = []
         for c in self.containers:
             running = "running" in c.state
             entry = {
                 "name": c.name, "image": c.spec.get("image", ""),
-                "imageID": (images.resolve(c.spec.get("image", "")) or images.Image("", (), (), "")).image_id,
+                "imageID": c.image_id,
                 "ready": running, "started": running, "restartCount": c.restarts,
                 "state": c.state, "lastState": c.last_state,
             }  # fmt: skip
@@ -327,7 +325,7 @@ class PodWorker(threading.Thread):
             code = c.process.returncode if c.process else -9
             c.state = {"terminated": {"exitCode": code if code >= 0 else 128 - code,
                                       "reason": "Error" if code else "Completed",
-                                      "startedAt": c.started_at, "finishedAt": now_text()}}  # fmt: skip
+                                      "startedAt": c.started_at, "finishedAt": api_time()}}  # fmt: skip
             c.done = True
         self._report(force=True)
         if self.lost:
@@ -422,7 +420,7 @@ class PodSource(threading.Thread):
         if worker is not None:
             worker.lost = lost
             with worker.lock:
-                worker.pod["metadata"].setdefault("deletionTimestamp", now_text())
+                worker.pod["metadata"].setdefault("deletionTimestamp", api_time())
                 worker.pod["metadata"]["deletionGracePeriodSeconds"] = 0
 
     def stop_all(self) -> None:
