@@ -50,6 +50,11 @@ HEALTH = {
 PORT_NAMES = ("etcd-client", "etcd-peer", "apiserver", "controller-manager", "scheduler")
 
 
+def kubelet_port_name(node: str) -> str:
+    """The key of a node's kubelet API port in the sandbox's ports (one HTTPS server per node)."""
+    return f"kubelet-{node}"
+
+
 @dataclass
 class ComponentStatus:
     name: str
@@ -113,7 +118,7 @@ class Sandbox:
                 folder.mkdir(parents=True, exist_ok=True)
             self.state.etcd_data.chmod(0o700)
             with port_lock():
-                config["ports"] = self._choose_ports(config.get("ports", {}), say)
+                config["ports"] = self._choose_ports(config.get("ports", {}), self.port_names(config), say)
                 self.state.save(config)
             self._write_kubeconfigs(config)
             self._write_node_config(config)
@@ -127,12 +132,16 @@ class Sandbox:
                 say(self._usage(config, time.monotonic() - started))
             return config
 
-    def _choose_ports(self, previous: dict[str, int], say) -> dict[str, int]:
+    def port_names(self, config: dict) -> tuple[str, ...]:
+        """The ports this sandbox listens on: the control plane's, and each node's kubelet API."""
+        return PORT_NAMES + tuple(kubelet_port_name(node) for node in self.node_names(config))
+
+    def _choose_ports(self, previous: dict[str, int], names: tuple[str, ...], say) -> dict[str, int]:
         """Keep last time's ports where they are free (the kubeconfig stays valid); else pick new ones."""
         taken = ports_of_others(self.name)
         chosen: dict[str, int] = {}
         rng = random.Random()
-        for key in PORT_NAMES:
+        for key in names:
             port = previous.get(key)
             if port and port not in taken and port not in chosen.values() and procs.port_free(port):
                 chosen[key] = port
@@ -208,6 +217,9 @@ class Sandbox:
             f"--client-ca-file={c('ca')}",
             f"--kubelet-client-certificate={c('apiserver-kubelet-client')}",
             f"--kubelet-client-key={k('apiserver-kubelet-client')}",
+            # The API server checks each node's serving certificate when it calls its kubelet API
+            # (`kubectl logs`), as it should on any cluster whose kubelets have CA-signed certificates.
+            f"--kubelet-certificate-authority={c('ca')}",
             "--kubelet-preferred-address-types=InternalIP,Hostname",
             f"--service-account-key-file={pki.sa_pub}",
             f"--service-account-signing-key-file={pki.sa_key}",
@@ -277,12 +289,15 @@ class Sandbox:
         return [f"node-{i}" for i in range(1, config.get("nodes", 0) + 1)]
 
     def _write_node_config(self, config: dict) -> None:
-        """What the node agent serves: each node's identity, zone and capacity."""
+        """What the node agent serves: each node's identity, zone, capacity and kubelet API port."""
+        pki = self.state.pki
         nodes = []
         for index, node in enumerate(self.node_names(config)):
-            stem = self.state.pki.ensure_node(node)
+            client, serving = pki.ensure_node(node), pki.ensure_node_serving(node)
             nodes.append({"name": node, "zone": ZONES[index % len(ZONES)], **NODE_CAPACITY,
-                          "cert": str(self.state.pki.cert(stem)), "key": str(self.state.pki.key(stem))})  # fmt: skip
+                          "cert": str(pki.cert(client)), "key": str(pki.key(client)),
+                          "port": config["ports"][kubelet_port_name(node)],
+                          "serving_cert": str(pki.cert(serving)), "serving_key": str(pki.key(serving))})  # fmt: skip
         markers = self.state.run / "nodes"
         markers.mkdir(parents=True, exist_ok=True)
         for marker in markers.glob("*.stopped"):  # a fresh start powers every node on

@@ -6,6 +6,9 @@ point at a sandbox's files when it explains a real cluster's:
 * ``ca``: the cluster CA. Signs the API server's serving certificate and every
   client certificate (admin, controller-manager, scheduler, the API server's own
   client for the node agents) and the serving certificates of the other components.
+* ``nodes/NAME`` and ``nodes/NAME-serving``: each node's client certificate (how
+  its agent talks to the API server) and serving certificate (its kubelet API,
+  which the API server calls for ``kubectl logs``).
 * ``etcd/ca``: a separate CA for etcd, so that a cluster client certificate is
   not also a key to the database.
 * ``front-proxy-ca`` and ``front-proxy-client``: the pair API aggregation uses.
@@ -231,15 +234,28 @@ class PKI:
     def ensure_node(self, node: str) -> str:
         """A node's client certificate, ``system:node:NAME`` in ``system:nodes`` (as kubelet TLS
         bootstrap would obtain); returns its file stem."""
-        stem = f"nodes/{node}"
-        if not (self.cert(stem).exists() and self.key(stem).exists()):
-            ca_cert = x509.load_pem_x509_certificate(self.cert("ca").read_bytes())
-            ca_key = serialization.load_pem_private_key(self.key("ca").read_bytes(), password=None)
+        return self._ensure_issued(CertSpec(f"nodes/{node}", "ca", f"system:node:{node}", "system:nodes", client=True))
+
+    def ensure_node_serving(self, node: str) -> str:
+        """A node's serving certificate for its kubelet API (logs), returns its file stem.
+
+        Signed by the cluster CA with the names the API server dials (the node's InternalIP
+        127.0.0.1, and its hostname), as a kubelet's approved serving CSR would be, so the API
+        server can verify it with ``--kubelet-certificate-authority``.
+        """
+        spec = CertSpec(f"nodes/{node}-serving", "ca", f"system:node:{node}", "system:nodes", server=True,
+                        dns=(node,), ips=("127.0.0.1",))  # fmt: skip
+        return self._ensure_issued(spec)
+
+    def _ensure_issued(self, spec: CertSpec) -> str:
+        """Issue ``spec`` with the cluster CA unless its files exist; returns its stem."""
+        if not (self.cert(spec.stem).exists() and self.key(spec.stem).exists()):
+            ca_cert = x509.load_pem_x509_certificate(self.cert(spec.ca).read_bytes())
+            ca_key = serialization.load_pem_private_key(self.key(spec.ca).read_bytes(), password=None)
             assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
             now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
-            spec = CertSpec(stem, "ca", f"system:node:{node}", "system:nodes", client=True)
             self._issue(spec, ca_cert, ca_key, now)
-        return stem
+        return spec.stem
 
     def kubeconfig(self, *, cluster: str, server: str, user: str, stem: str) -> str:
         """A self-contained kubeconfig (certificates embedded) for client certificate ``stem``."""

@@ -16,7 +16,9 @@ A node is *stopped* (``labkit sandbox node stop NODE``) by a marker file in
 ``run/nodes/``: its heartbeats stop, as when a machine is lost, and the real
 node lifecycle controller marks it NotReady, taints it and evicts its pods.
 Removing the marker (``node start``) brings it back. The pods bound to each node
-run as local processes (pods.py).
+run as local processes (pods.py), and each node serves the kubelet API that
+`kubectl logs` goes through (server.py) on its own port, published in its status;
+a stopped node's API is closed, as a lost machine answers nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 from labkit.sandbox import procs
 from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, KubeAPI, api_micro_time, api_time, kubelet_event
 from labkit.sandbox.node.pods import PodSource
+from labkit.sandbox.node.server import NodeServer
 
 LEASE_SECONDS = 40  # kubelet's nodeLeaseDurationSeconds
 RENEW_EVERY = 10.0  # a quarter of the lease, as the kubelet renews it
@@ -58,6 +61,9 @@ class NodeSpec:
     pods: str
     cert: str
     key: str
+    port: int = 0  # the kubelet API's port (0: none)
+    serving_cert: str = ""
+    serving_key: str = ""
 
 
 class NodeHeartbeat(threading.Thread):
@@ -75,6 +81,8 @@ class NodeHeartbeat(threading.Thread):
         self.last_status = 0.0
         self.uid: str | None = None
         self.pods = PodSource(spec.name, self.api, run_dir.parent / "pods" / spec.name, stopping, _log)
+        self.kubelet_api = NodeServer(spec.name, spec.port, Path(spec.serving_cert), Path(spec.serving_key), ca,
+                                      lambda: list(self.pods.workers.values()), _log) if spec.port else None  # fmt: skip
 
     # -- the node object ---------------------------------------------------------------------
 
@@ -103,6 +111,7 @@ class NodeHeartbeat(threading.Thread):
             "conditions": self._conditions(now),
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
                           {"type": "Hostname", "address": self.spec.name}],  # fmt: skip
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.spec.port}},
             "nodeInfo": {
                 "machineID": uuid.uuid5(uuid.NAMESPACE_DNS, self.spec.name).hex,
                 "systemUUID": str(uuid.uuid5(uuid.NAMESPACE_URL, self.spec.name)),
@@ -180,11 +189,13 @@ class NodeHeartbeat(threading.Thread):
             if self.marker.exists():  # the machine is "lost": no heartbeats, its processes die
                 registered = False
                 self.pods.paused.set()
+                self.serve(False)
                 self.stopping.wait(0.5)
                 continue
             now = time.monotonic()
             if now >= next_beat:
                 try:
+                    self.serve(True)
                     if not registered:
                         self.register()
                         registered = True
@@ -200,6 +211,19 @@ class NodeHeartbeat(threading.Thread):
                     _log(f"node {self.spec.name}: {exc}; retrying")
                     next_beat = now + 1.0
             self.stopping.wait(0.5)
+
+    def serve(self, on: bool) -> None:
+        """Open (retried at each heartbeat while the port is taken) or close the node's kubelet API."""
+        if self.kubelet_api is None or self.kubelet_api.running == on:
+            return
+        if not on:
+            self.kubelet_api.stop()
+            return
+        try:
+            self.kubelet_api.start()
+        except OSError as exc:
+            _log(f"node {self.spec.name}: its kubelet API cannot listen on 127.0.0.1:{self.spec.port} ({exc}); "
+                 "`kubectl logs` of its pods fails until it can")  # fmt: skip
 
 
 def _log(message: str) -> None:
@@ -228,6 +252,9 @@ def main() -> int:
     while not stopping.is_set():
         stopping.wait(1.0)
     _log("node agent stopping")
+    for thread in threads:
+        thread.join(2)  # its heartbeat ends (it waits 0.5 s at a time): nothing reopens the kubelet API
+        thread.serve(False)
     workers = [worker for thread in threads for worker in thread.pods.workers.values()]
     for thread in threads:
         thread.pods.stop_all()

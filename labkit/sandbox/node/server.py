@@ -1,0 +1,323 @@
+"""The kubelet API of one node: the HTTPS server the API server calls for `kubectl logs`.
+
+``kubectl logs`` asks the API server for ``pods/NAME/log``; the API server finds
+the pod's node, dials the address and port the node published in its status
+(InternalIP 127.0.0.1, ``daemonEndpoints.kubeletEndpoint.Port``), checks the
+node's serving certificate against the cluster CA (``--kubelet-certificate-authority``)
+and presents its kubelet client certificate. This module is that endpoint, one
+server per node, speaking what the kubelet speaks:
+
+* ``GET /containerLogs/{namespace}/{pod}/{container}`` with ``follow``,
+  ``tailLines``, ``sinceSeconds``, ``sinceTime``, ``timestamps``, ``limitBytes``
+  and ``previous``; its errors carry the kubelet's own wording and status codes
+  (404 for an unknown pod or container; 400, which the API server passes on word
+  for word, for a container with no logs to show);
+* ``GET /healthz``: ``ok``.
+
+Authentication is the client certificate, verified against the cluster CA.
+Authorization is where this differs from a kubelet, which asks the API server
+(a SubjectAccessReview for ``nodes/proxy``): here only the API server's kubelet
+client (``kube-apiserver-kubelet-client``) and ``system:masters`` are allowed,
+which is whom the default RBAC policy allows anyway; anyone else gets the
+kubelet's 403.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import select
+import socket
+import ssl
+import sys
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from labkit.sandbox.node import logs
+
+APISERVER_CLIENT = "kube-apiserver-kubelet-client"
+ADMIN_GROUP = "system:masters"
+REQUEST_TIMEOUT = 120.0  # an idle kept-alive connection, or a client that stops reading, is dropped after this
+
+
+class Refused(Exception):
+    """A request answered with an error: its HTTP status and the kubelet's message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _q(text: str) -> str:
+    """A name quoted as Go's %q quotes it, so messages read exactly as a kubelet's."""
+    return json.dumps(text)
+
+
+# -- what the server needs to know about a pod's containers -------------------------------------
+
+
+@dataclass
+class ContainerView:
+    """What logs need of one container: its log folder and its status (state, last state)."""
+
+    pod: str
+    name: str
+    folder: Path
+    state: dict
+    last_state: dict
+
+
+def find_container(workers: Iterable, namespace: str, pod: str, container: str) -> ContainerView:
+    """The container ``container`` of pod ``namespace/pod`` among a node's pod workers.
+
+    The one place that knows the pod worker's insides (``pod``, ``workdir``, its containers'
+    ``state`` and ``last_state``), so a change there is a change here only. Raises ``Refused``
+    with the kubelet's 404s when the node has no such pod or the pod no such container.
+    """
+    for worker in workers:
+        meta = worker.pod["metadata"]
+        if meta["namespace"] == namespace and meta["name"] == pod:
+            break
+    else:
+        raise Refused(404, f"pod {_q(pod)} does not exist")
+    for c in [*getattr(worker, "init_containers", []), *worker.containers]:
+        if c.name == container:
+            return ContainerView(pod, container, worker.workdir / "logs" / container, dict(c.state),
+                                 dict(c.last_state))  # fmt: skip
+    raise Refused(404, f"container {_q(container)} not found in pod {_q(pod)}")
+
+
+def choose_attempt(view: ContainerView, previous: bool) -> int:
+    """Which attempt's log to show, by the kubelet's rules (validateContainerLogStatus).
+
+    Without ``previous``: the newest attempt, whether it runs, has finished, or has exited and
+    waits to be restarted. With ``previous``: the attempt the container's ``lastState`` describes —
+    the newest one while the container waits to restart (as in CrashLoopBackOff), the one before
+    it once the container runs again. Raises ``Refused`` (400, the kubelet's wording) when there is
+    nothing to show.
+    """
+    files = logs.attempts(view.folder)
+    waiting, terminated = view.state.get("waiting"), view.state.get("terminated")
+    last = view.last_state.get("terminated")
+    which = f"container {_q(view.name)} in pod {_q(view.pod)}"
+    if previous:
+        number = (files[-1] if waiting else files[-1] - 1) if files else -1
+        if not last or number not in files:
+            raise Refused(400, f"previous terminated {which} not found")
+        return number
+    if files and (view.state.get("running") or terminated or last):
+        return files[-1]
+    if terminated or last:
+        raise Refused(400, f"{which} is terminated")
+    if waiting:
+        reason = waiting.get("reason", "")
+        detail = {"ErrImagePull": "image can't be pulled",
+                  "ImagePullBackOff": "trying and failing to pull image"}.get(reason, reason)  # fmt: skip
+        raise Refused(400, f"{which} is waiting to start: {detail}")
+    raise Refused(400, f"{which} is waiting to start - no logs yet")
+
+
+# -- the request's options, decoded as the kubelet decodes PodLogOptions --------------------------
+
+
+@dataclass
+class LogOptions:
+    follow: bool = False
+    previous: bool = False
+    timestamps: bool = False
+    tail: int | None = None
+    since: dt.datetime | None = None
+    limit_bytes: int | None = None
+
+
+def parse_options(query: str, now: dt.datetime | None = None) -> LogOptions:
+    """PodLogOptions from a query string; ``Refused`` with the kubelet's 400 or 422 if they are wrong."""
+    values = {key: items[0] for key, items in urllib.parse.parse_qs(query, keep_blank_values=True).items()}
+    if "tail" in values:  # the kubelet's older spelling of tailLines; "all" means no limit
+        tail = values.pop("tail")
+        if tail != "all":
+            values["tailLines"] = tail
+
+    def flag(name: str) -> bool:  # as the API's query decoding: absent, "0" and "false" are false
+        return name in values and values[name] != "0" and values[name].lower() != "false"
+
+    def number(name: str) -> int | None:
+        return int(values[name]) if name in values else None
+
+    try:
+        options = LogOptions(follow=flag("follow"), previous=flag("previous"), timestamps=flag("timestamps"),
+                             tail=number("tailLines"), limit_bytes=number("limitBytes"))  # fmt: skip
+        seconds = number("sinceSeconds")
+        since_time = dt.datetime.fromisoformat(values["sinceTime"]) if "sinceTime" in values else None
+    except ValueError:
+        raise Refused(400, '{"message": "Unable to decode query."}') from None
+    if ((options.tail is not None and options.tail < 0) or (options.limit_bytes is not None and options.limit_bytes < 1)
+            or (seconds is not None and seconds < 1) or (seconds is not None and since_time is not None)):  # fmt: skip
+        raise Refused(422, '{"message": "Invalid request."}')
+    if seconds is not None:
+        options.since = (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(seconds=seconds)
+    elif since_time is not None:
+        options.since = since_time if since_time.tzinfo else since_time.replace(tzinfo=dt.timezone.utc)
+    return options
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+def _identity(peer: dict) -> tuple[str, list[str]]:
+    """A verified client certificate's user and groups, as Kubernetes reads them (CN and O)."""
+    names = [(key, value) for rdn in peer.get("subject", ()) for key, value in rdn]
+    user = next((value for key, value in names if key == "commonName"), "")
+    return user, [value for key, value in names if key == "organizationName"]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # chunked responses, which is how the kubelet streams logs
+    timeout = REQUEST_TIMEOUT
+    server: _HTTPSServer
+
+    def setup(self) -> None:
+        self.request.settimeout(self.timeout)
+        self.request.do_handshake()  # here, in the request's thread, so a slow client stalls no other
+        super().setup()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass  # the API server logs every request it proxies; the agent's log keeps to problems
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        url = urllib.parse.urlsplit(self.path)
+        user, groups = _identity(self.request.getpeercert() or {})
+        if user != APISERVER_CLIENT and ADMIN_GROUP not in groups:
+            subresources = "[healthz proxy]" if url.path.startswith("/healthz") else "[proxy]"
+            self.server.owner.log(f"node {self.server.owner.node}: refused {user or 'anonymous'} ({url.path})")
+            self._reply(403, f"Forbidden (user={user}, verb=get, resource=nodes, subresource(s)={subresources})\n")
+            return
+        try:
+            if url.path == "/healthz":
+                self._reply(200, "ok")
+            elif url.path.startswith("/containerLogs/"):
+                self._container_logs(url)
+            else:
+                self._reply(404, "404 page not found\n")
+        except Refused as refusal:
+            self._reply(refusal.status, str(refusal))
+
+    def _container_logs(self, url: urllib.parse.SplitResult) -> None:
+        parts = [urllib.parse.unquote(p) for p in url.path.split("/")[2:]]
+        if len(parts) != 3 or not all(parts):
+            raise Refused(404, "404 page not found\n")
+        namespace, pod, container = parts
+        options = parse_options(url.query)
+        view = find_container(self.server.owner.workers(), namespace, pod, container)
+        restart = choose_attempt(view, options.previous)
+        reader = logs.follow if options.follow else logs.read
+        extra = {"client_gone": self._client_gone} if options.follow else {}
+        chunks = reader(view.folder, restart, tail=options.tail, since=options.since, timestamps=options.timestamps,
+                        limit_bytes=options.limit_bytes, **extra)  # fmt: skip
+        self._stream(chunks)
+
+    def _stream(self, chunks: Iterator[bytes]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for chunk in chunks:
+                if chunk:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.write(b"0\r\n\r\n")
+        except FileNotFoundError:  # the attempt's log was removed while it was read: end the body short
+            self.close_connection = True
+        except (OSError, ssl.SSLError):  # the client went away
+            self.close_connection = True
+        finally:
+            if hasattr(chunks, "close"):
+                chunks.close()
+
+    def _client_gone(self) -> bool:
+        """Whether the client hung up while a follow waits for lines: it sent EOF or a TLS alert."""
+        if self.server.closing.is_set():
+            return True
+        try:
+            readable, _, _ = select.select([self.request], [], [], 0)
+            if not readable:
+                return False
+            peek = socket.socket.recv(self.request, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):
+            return True
+        return not peek or peek[0] == 0x15  # 0x15: a TLS alert record, as close_notify
+
+    def _reply(self, status: int, text: str) -> None:
+        body = text.encode()
+        self.send_response(status, HTTPStatus(status).phrase)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _HTTPSServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, owner: NodeServer, context: ssl.SSLContext) -> None:
+        self.owner = owner
+        self.context = context
+        self.closing = threading.Event()
+        super().__init__(("127.0.0.1", owner.port), _Handler)
+
+    def get_request(self) -> tuple[ssl.SSLSocket, tuple]:
+        sock, address = self.socket.accept()
+        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+
+    def handle_error(self, request: object, client_address: tuple) -> None:
+        """A client that fails the TLS handshake (no certificate, another CA) or hangs up is no news."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ssl.SSLError, ConnectionError, TimeoutError)):
+            self.owner.log(f"node {self.owner.node}: kubelet API request failed: {error!r}")
+
+
+class NodeServer:
+    """One node's kubelet API: HTTPS on 127.0.0.1:``port``, client certificates required."""
+
+    def __init__(self, node: str, port: int, cert: Path, key: Path, ca: Path,
+                 workers: Callable[[], Iterable], log: Callable[[str], None]) -> None:  # fmt: skip
+        self.node = node
+        self.port = port
+        self.workers = workers  # the node's pod workers, read at each request
+        self.log = log
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context.load_cert_chain(str(cert), str(key))
+        self.context.load_verify_locations(str(ca))
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.httpd: _HTTPSServer | None = None
+        self.thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.httpd is not None
+
+    def start(self) -> None:
+        """Listen and serve; raises OSError if the port is taken."""
+        self.httpd = _HTTPSServer(self, self.context)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.5},
+                                       name=f"kubelet-api-{self.node}", daemon=True)  # fmt: skip
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop listening; requests in progress (a follow) end within a second."""
+        if self.httpd is None:
+            return
+        self.httpd.closing.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self.thread is not None:
+            self.thread.join()
+        self.httpd = self.thread = None
