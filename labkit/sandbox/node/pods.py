@@ -22,6 +22,7 @@ from pathlib import Path
 
 from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, KubeAPI, api_time, kubelet_event
 from labkit.sandbox.node import images
+from labkit.sandbox.node.logs import ContainerLog
 
 BACKOFF_START = 10.0  # the kubelet's CrashLoopBackOff: 10 s, doubling, at most 5 min
 BACKOFF_MAX = 300.0
@@ -176,9 +177,8 @@ class PodWorker(threading.Thread):
             container.backoff = min(BACKOFF_MAX, max(BACKOFF_START, container.backoff * 2))
             return
         argv[0] = program
-        logs = self.workdir / "logs" / container.name
-        logs.mkdir(parents=True, exist_ok=True)
-        log_file = open(logs / f"{container.restarts}.log", "ab", buffering=0)
+        stdout, stderr = ContainerLog(self.workdir / "logs" / container.name).open(
+            container.restarts + (1 if container.restarting else 0))
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": self.pod["metadata"]["name"]}
         for item in container.spec.get("env", []):
             if "value" in item:
@@ -189,8 +189,8 @@ class PodWorker(threading.Thread):
             self.event("Pulled", f"Container image \"{image.reference}\" already present on machine",
                        container=container.name)  # fmt: skip
         try:
-            container.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
-                                                  stderr=subprocess.STDOUT, env=env, cwd=cwd,
+            container.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
+                                                  stderr=stderr, env=env, cwd=cwd,
                                                   start_new_session=True)  # fmt: skip
         except OSError as exc:
             container.state = {"waiting": {"reason": "RunContainerError", "message": str(exc)}}
@@ -198,7 +198,8 @@ class PodWorker(threading.Thread):
             container.next_start = time.monotonic() + container.backoff
             return
         finally:
-            log_file.close()
+            os.close(stdout)
+            os.close(stderr)
         if container.restarting:
             container.restarts += 1
             container.restarting = False
