@@ -119,12 +119,12 @@ spec:
   - name: app
     image: busybox
     command: [sleep, "3600"]
-    readinessProbe: {exec: {command: ["true"]}}
+    readinessProbe: {grpc: {port: 9090}}
 """
     kubectl(cluster, "-n", ns, "apply", "-f", "-", input=manifest)
     warning = eventually(lambda: [e for e in kubectl_json(cluster, "-n", ns, "get", "events")["items"]
                                   if e["reason"] == "Unsupported"], what="an Unsupported warning")  # fmt: skip
-    assert warning[0]["type"] == "Warning" and "readinessProbe (container app)" in warning[0]["message"]
+    assert warning[0]["type"] == "Warning" and "grpc readiness probe (container app)" in warning[0]["message"]
 
 
 def test_down_leaves_no_pod_process(cluster: Sandbox, ns: str) -> None:  # last: stops the module's sandbox

@@ -28,6 +28,7 @@ from labkit.errors import LabkitError
 from labkit.progress import Progress, format_duration
 from labkit.sandbox import binaries, procs
 from labkit.sandbox.binaries import Toolset
+from labkit.sandbox.node import namespaces
 from labkit.sandbox.pki import SERVICE_CIDR
 from labkit.sandbox.state import DEFAULT_NAME, SandboxState, port_lock, ports_of_others, remove_tree
 from labkit.sandbox.versions import pins
@@ -277,7 +278,7 @@ class Sandbox:
         # The controllers start once the API server is ready: before that, the RBAC roles that
         # authorise them do not exist on a new cluster, and they would back off for seconds.
         readyz = {"after": f"https://127.0.0.1:{p['apiserver']}/readyz", "after_ca": c("ca")}
-        argvs[NODE_AGENT] = [sys.executable, "-m", "labkit.sandbox.node.agent", str(self.state.root)]
+        argvs[NODE_AGENT] = namespaces.agent_argv(str(self.state.root))
         gated = {"kube-controller-manager", "kube-scheduler", NODE_AGENT}
         return [{"name": name, "argv": argvs[name], **(readyz if name in gated else {})}
                 for name in self.component_names(config)]  # fmt: skip

@@ -22,6 +22,7 @@ def alive(pid: int | None) -> bool:
 
 
 def _stat_field(pid: int, index: int) -> str | None:
+    """Field ``index + 1`` of /proc/PID/stat as proc(5) numbers them (2: state, 5: session, 21: start time)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -95,7 +96,28 @@ def mentions(args: list[str], folder: Path) -> bool:
     return any(arg.endswith(text) or text + os.sep in arg for arg in args)
 
 
+def record(pid: int, path: Path) -> None:
+    """Note a container's first process (and its start time, against pid reuse) in ``path`` (``*.pid``)."""
+    path.write_text(f"{pid} {_stat_field(pid, 21)}")
+
+
 def running_in(folder: Path) -> list[int]:
-    """Live processes whose working directory is inside ``folder`` (a pod's containers)."""
+    """Live processes of the containers recorded (``*.pid``) inside ``folder``, with everything they
+    started in their sessions, and any process whose working directory is inside ``folder``."""
+    leaders = set()
+    for entry in folder.rglob("*.pid") if folder.is_dir() else []:
+        try:
+            pid, started = entry.read_text().split()
+        except (OSError, ValueError):
+            continue
+        if _stat_field(int(pid), 21) == started:
+            leaders.add(int(pid))
     prefix = str(folder) + os.sep
-    return [pid for pid in all_pids() if (cwd(pid) or "").startswith(prefix) and pid != os.getpid() and alive(pid)]
+    found = []
+    for pid in all_pids():
+        if pid == os.getpid() or not alive(pid):
+            continue
+        session = _stat_field(pid, 5)
+        if (session is not None and int(session) in leaders) or (cwd(pid) or "").startswith(prefix):
+            found.append(pid)
+    return found

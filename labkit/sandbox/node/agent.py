@@ -80,7 +80,8 @@ class NodeHeartbeat(threading.Thread):
         self.ready_since: dt.datetime | None = None
         self.last_status = 0.0
         self.uid: str | None = None
-        self.pods = PodSource(spec.name, self.api, run_dir.parent / "pods" / spec.name, stopping, _log)
+        self.pods = PodSource(spec.name, self.api, run_dir.parent / "pods" / spec.name, stopping, _log,
+                              allocatable={"cpu": spec.cpu, "memory": spec.memory})
         self.kubelet_api = NodeServer(spec.name, spec.port, Path(spec.serving_cert), Path(spec.serving_key), ca,
                                       lambda: list(self.pods.workers.values()), _log) if spec.port else None  # fmt: skip
 

@@ -12,22 +12,30 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
+import traceback
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from labkit.sandbox import procs
 from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, KubeAPI, api_time, kubelet_event
-from labkit.sandbox.node import images
+from labkit.sandbox.node import envvars, images, launch, namespaces, probes, quantity, usage
 from labkit.sandbox.node.logs import ContainerLog
+from labkit.sandbox.node.volumes import MountError, PodVolumes
 
 BACKOFF_START = 10.0  # the kubelet's CrashLoopBackOff: 10 s, doubling, at most 5 min
 BACKOFF_MAX = 300.0
 BACKOFF_RESET_AFTER = 600.0  # a container that ran 10 min resets its back-off
 PULL_BACKOFF_MAX = 300.0
+CONFIG_RETRY = 2.0  # a container waiting for a ConfigMap or Secret is tried again this often
+STANDARD_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+UNSUPPORTED_FEATURES = "ephemeralContainers", "resizePolicy"
 
 
 @dataclass
@@ -35,6 +43,7 @@ class Container:
     """One container of a pod and the process that stands for it."""
 
     spec: dict
+    init: bool = False
     process: subprocess.Popen | None = None
     started_at: str | None = None
     started_mono: float = 0.0
@@ -46,16 +55,36 @@ class Container:
     backoff: float = 0.0  # the first restart is immediate, then 10 s, 20 s, 40 s ... 5 min
     done: bool = False  # terminated and not to be restarted
     restarting: bool = False  # exited, to be started again: the next start counts as a restart
+    prober: probes.Prober | None = None
+    env: dict = field(default_factory=dict)
+    cwd: str = "/"
+    kill_deadline: float = 0.0  # being stopped: SIGKILL at this time
+    oom: bool = False
+    measured: usage.Usage | None = None  # CPU and memory, from the last sample
 
     @property
     def name(self) -> str:
         return self.spec["name"]
 
+    @property
+    def running(self) -> bool:
+        return "running" in self.state
+
+    @property
+    def memory_limit(self) -> float | None:
+        limit = self.spec.get("resources", {}).get("limits", {}).get("memory")
+        return quantity.parse(limit) if limit else None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.done and self.state.get("terminated", {}).get("exitCode") == 0
+
 
 class PodWorker(threading.Thread):
     """Drives one pod toward its spec and reports its status."""
 
-    def __init__(self, pod: dict, api: KubeAPI, node: str, workdir: Path, log) -> None:  # noqa: ANN001
+    def __init__(self, pod: dict, api: KubeAPI, node: str, workdir: Path, log, allocatable: dict,  # noqa: ANN001
+                 isolated: bool) -> None:  # fmt: skip
         meta = pod["metadata"]
         super().__init__(name=f"pod-{meta['namespace']}-{meta['name']}", daemon=True)
         self.pod = pod
@@ -63,8 +92,19 @@ class PodWorker(threading.Thread):
         self.node = node
         self.workdir = workdir
         self.log = log
+        self.allocatable = allocatable
+        self.isolated = isolated
         self.lock = threading.Lock()
-        self.containers = [Container(spec) for spec in pod["spec"].get("containers", [])]
+        spec = pod["spec"]
+        self.init_containers = [Container(c, init=True) for c in spec.get("initContainers", [])]
+        waiting = {"waiting": {"reason": "PodInitializing"}} if self.init_containers else None
+        self.containers = [Container(c) for c in spec.get("containers", [])]
+        for c in self.containers:
+            c.state = dict(waiting or c.state)
+        self.volumes = PodVolumes(pod, workdir / "volumes", self._lookup, self._token, allocatable)
+        self.mounted = False
+        self.mount_error = ""
+        self.pause: subprocess.Popen | None = None  # holds the pod's network and UTS namespaces
         self.start_time = api_time()
         self.finished = threading.Event()
         self.last_reported: str | None = None
@@ -75,18 +115,33 @@ class PodWorker(threading.Thread):
     def update(self, pod: dict) -> None:
         with self.lock:
             self.pod = pod
+            self.volumes.pod = pod  # labels and annotations feed downward API volumes
 
     @property
     def path(self) -> str:
         meta = self.pod["metadata"]
         return f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"
 
-    def event(self, reason: str, message: str, kind: str = "Normal", container: str | None = None) -> None:
+    def all_containers(self) -> list[Container]:
+        return [*self.init_containers, *self.containers]
+
+    def _lookup(self, kind: str, name: str) -> dict | None:
+        """A ConfigMap or Secret of the pod's namespace, read with the node's credentials."""
+        return self.api.get(f"/api/v1/namespaces/{self.pod['metadata']['namespace']}/{kind}/{name}")
+
+    def _token(self, account: str, spec: dict) -> dict:
+        namespace = self.pod["metadata"]["namespace"]
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
+        return self.api.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token",
+                                body)["status"]  # fmt: skip
+
+    def event(self, reason: str, message: str, kind: str = "Normal", container: Container | None = None) -> None:
         meta = self.pod["metadata"]
         involved = {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "namespace": meta["namespace"],
                     "uid": meta["uid"]}  # fmt: skip
         if container:
-            involved["fieldPath"] = f"spec.containers{{{container}}}"
+            section = "initContainers" if container.init else "containers"
+            involved["fieldPath"] = f"spec.{section}{{{container.name}}}"
         try:
             self.api.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events",
                              kubelet_event(involved, reason, message, kind=kind, node=self.node))
@@ -96,28 +151,28 @@ class PodWorker(threading.Thread):
     # -- the loop ----------------------------------------------------------------------------
 
     def unsupported(self) -> list[str]:
-        """The parts of this pod's spec the agent does not honour yet: said, never silently dropped."""
+        """The parts of this pod's spec the agent does not honour: said, never silently dropped."""
         spec = self.pod["spec"]
-        found = []
-        if spec.get("initContainers"):
-            found.append("initContainers")
-        if spec.get("volumes"):
-            found.append("volumes")
+        found = [key for key in UNSUPPORTED_FEATURES if spec.get(key)]
+        for c in spec.get("initContainers", []):
+            if c.get("restartPolicy") == "Always":
+                found.append(f"sidecar init container {c['name']} (runs as an ordinary init container)")
         for c in spec.get("containers", []):
-            for key in ("livenessProbe", "readinessProbe", "startupProbe", "envFrom", "volumeMounts", "lifecycle"):
-                if c.get(key):
-                    found.append(f"{key} (container {c['name']})")
-            if any("valueFrom" in e for e in c.get("env", [])):
-                found.append(f"env valueFrom (container {c['name']})")
-            if c.get("resources", {}).get("limits"):
-                found.append(f"resource limits (container {c['name']})")
+            for key, kind in probes.KINDS:
+                if c.get(key, {}).get("grpc"):
+                    found.append(f"grpc {kind.lower()} probe (container {c['name']})")
+            if c.get("resources", {}).get("limits", {}).get("cpu"):
+                found.append(f"CPU limit (container {c['name']}: CPU use is reported, not throttled)")
+        if not self.isolated and (spec.get("volumes") or spec.get("hostname")):
+            found.append("volume mounts and the pod's hostname (this machine refuses Linux namespaces to the "
+                         "node agent, so containers see the host's files)")  # fmt: skip
         return found
 
     def run(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         missing = self.unsupported()
         if missing:
-            self.event("Unsupported", "labkit's node agent does not honour these yet, and runs the pod without "
+            self.event("Unsupported", "labkit's node agent does not honour these, and runs the pod without "
                        "them: " + "; ".join(missing), kind="Warning")  # fmt: skip
         try:
             while True:
@@ -130,160 +185,336 @@ class PodWorker(threading.Thread):
                 self._report()
                 time.sleep(0.2)
         except Exception as exc:  # noqa: BLE001 - a bad pod must never take the agent down
-            self.log(f"pod worker {self.name} failed: {exc!r}")
+            self.log(f"pod worker {self.name} failed: {traceback.format_exc()}")
             self.event("FailedSync", f"labkit node agent error: {exc}", kind="Warning")
         finally:
             self._kill_all()
             self.finished.set()
 
     def _sync(self) -> None:
-        policy = self.pod["spec"].get("restartPolicy", "Always")
-        for container in self.containers:
-            if container.process is not None:
-                code = container.process.poll()
-                if code is None:
-                    continue
-                self._exited(container, code, policy)
-            if container.done or time.monotonic() < container.next_start:
-                continue
-            self._start(container)
-
-    def _start(self, container: Container) -> None:
-        image = images.resolve(container.spec.get("image", ""))
-        if image is None:
-            message = (f"Failed to pull image \"{container.spec.get('image')}\": labkit's image catalog has no "
-                       "such image (the sandbox runs busybox, alpine, python and the course's own apps)")  # fmt: skip
-            # A failed pull (ErrImagePull) and the wait before the next (ImagePullBackOff) alternate.
-            previous = container.state.get("waiting", {}).get("reason")
-            reason = "ImagePullBackOff" if previous == "ErrImagePull" else "ErrImagePull"
-            container.state = {"waiting": {"reason": reason, "message": message}}
-            if reason == "ErrImagePull":
-                self.event("Failed", message, kind="Warning", container=container.name)
-            else:
-                self.event("BackOff", f"Back-off pulling image \"{container.spec.get('image')}\"",
-                           container=container.name)  # fmt: skip
-            delay = container.backoff
-            container.backoff = min(PULL_BACKOFF_MAX, max(BACKOFF_START, container.backoff * 2))
-            container.next_start = time.monotonic() + max(delay, 1.0)
+        if not self._mount() or not self._sandbox():
             return
-        container.image_id = image.image_id
-        argv = image.argv(container.spec.get("command"), container.spec.get("args"))
-        program = images.executable(argv[0]) if argv else None
+        self.volumes.refresh()
+        policy = self.pod["spec"].get("restartPolicy", "Always")
+        for c in self.init_containers:
+            if not c.done:
+                self._drive(c, "Never" if policy == "Never" else "OnFailure")
+            if not c.succeeded:
+                return  # the next init container, or the app containers, wait for this one
+        for c in self.containers:
+            self._drive(c, policy)
+
+    def _mount(self) -> bool:
+        """Set the pod's volumes up (once); a failure is a FailedMount event and a pod left waiting."""
+        if self.mounted:
+            return True
+        try:
+            self.volumes.setup()
+        except MountError as exc:
+            if str(exc) != self.mount_error:
+                self.mount_error = str(exc)
+                self.event("FailedMount", f"MountVolume.SetUp failed: {exc}", kind="Warning")
+            return False
+        self.mounted = True
+        return True
+
+    def _sandbox(self) -> bool:
+        """The pod's namespaces, held by its pause process: made once, and again if it dies."""
+        if not self.isolated or (self.pause is not None and self.pause.poll() is None):
+            return True
+        if self.pause is not None:
+            self.log(f"pause process of {self.name} exited ({self.pause.returncode}); making the pod's namespaces again")
+            self._kill_all()
+        folder = self.workdir / "containers"
+        folder.mkdir(parents=True, exist_ok=True)
+        spec = {"mode": "pause", "hostname": self._hostname(), "argv": ["sleep", "infinity"],
+                "env": {"PATH": ":".join(STANDARD_PATH)}}  # fmt: skip
+        try:
+            self.pause = subprocess.Popen([sys.executable, "-I", "-S", launch.__file__, json.dumps(spec)],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        except OSError as exc:
+            self.event("FailedCreatePodSandBox", f"Failed to create pod sandbox: {exc}", kind="Warning")
+            return False
+        procs.record(self.pause.pid, folder / "pause.pid")
+        return True
+
+    def _hostname(self) -> str:
+        return self.pod["spec"].get("hostname") or self.pod["metadata"]["name"]
+
+    def _drive(self, c: Container, policy: str) -> None:
+        if c.process is not None:
+            code = c.process.poll()
+            if code is None:
+                self._watch(c)
+                return
+            self._exited(c, code, policy)
+        if not c.done and time.monotonic() >= c.next_start:
+            self._start(c)
+
+    def _watch(self, c: Container) -> None:
+        """A running container: its memory limit, its probes, the end of its grace period."""
+        c.measured = usage.Monitor.get().of(c.process.pid)
+        limit = c.memory_limit
+        if limit and c.measured and c.measured.memory_bytes > limit:
+            c.oom = True
+            _signal_group(c.process, signal.SIGKILL)
+        if c.kill_deadline and time.monotonic() >= c.kill_deadline:
+            _signal_group(c.process, signal.SIGKILL)
+        elif c.prober and c.prober.restart_reason and not c.kill_deadline:
+            self.event("Killing", c.prober.restart_reason, container=c)
+            self._stop(c, self._grace(c))
+
+    def _grace(self, c: Container) -> float:
+        for key, _ in probes.KINDS:
+            if c.spec.get(key, {}).get("terminationGracePeriodSeconds") is not None:
+                return float(c.spec[key]["terminationGracePeriodSeconds"])
+        return float(self.pod["spec"].get("terminationGracePeriodSeconds", 30))
+
+    def _stop(self, c: Container, grace: float) -> None:
+        """Stop a container as the kubelet does: its preStop hook, then SIGTERM; SIGKILL when ``grace`` ends."""
+        c.kill_deadline = time.monotonic() + grace
+        if c.prober:
+            c.prober.stop()
+        hook = c.spec.get("lifecycle", {}).get("preStop")
+        process = c.process
+
+        def stop() -> None:
+            if hook:
+                failure = self._hook(c, hook, grace)
+                if failure:
+                    self.event("FailedPreStopHook", f"PreStopHook failed: {failure}", kind="Warning", container=c)
+            _signal_group(process, signal.SIGTERM)
+
+        threading.Thread(target=stop, name=f"stop-{c.name}", daemon=True).start()
+
+    def _hook(self, c: Container, hook: dict, timeout: float) -> str | None:
+        """Run a lifecycle hook (exec, httpGet, sleep) in the container; the failure message, if any."""
+        if "sleep" in hook:
+            time.sleep(min(float(hook["sleep"].get("seconds", 0)), timeout))
+            return None
+        pid = c.process.pid if c.process and self.isolated else None
+        if "exec" in hook:
+            outcome = probes.exec_action(hook["exec"], c.env, c.cwd, timeout, pid)
+        elif "httpGet" in hook:
+            outcome = probes.http_get(hook["httpGet"], c.spec, "127.0.0.1", timeout, pid)
+        else:
+            return f"unsupported hook {sorted(hook)}"
+        return None if outcome.ok else outcome.message
+
+    def _start(self, c: Container) -> None:
+        image = images.resolve(c.spec.get("image", ""))
+        if image is None:
+            self._pull_failed(c)
+            return
+        c.image_id = image.image_id
+        base = {"PATH": _path(getattr(image, "path", ())), "HOSTNAME": self.pod["metadata"]["name"],
+                "HOME": "/root", **dict(getattr(image, "env", ()))}  # fmt: skip
+        try:
+            env = envvars.container_env(self.pod, c.spec, self._lookup, self.allocatable, base)
+            mounts = self.volumes.mounts(c.spec) if self.isolated else []
+        except (envvars.ConfigError, MountError) as exc:
+            self._config_failed(c, str(exc))
+            return
+        argv = [envvars.expand(arg, env) for arg in image.argv(c.spec.get("command"), c.spec.get("args"))]
+        program = images.executable(argv[0], env["PATH"]) if argv else None
         if program is None:
             message = f"exec: \"{argv[0] if argv else ''}\": executable file not found in $PATH"
-            container.state = {"waiting": {"reason": "RunContainerError", "message": message}}
-            self.event("Failed", f"Error: {message}", kind="Warning", container=container.name)
-            container.next_start = time.monotonic() + container.backoff
-            container.backoff = min(BACKOFF_MAX, max(BACKOFF_START, container.backoff * 2))
+            c.state = {"waiting": {"reason": "RunContainerError", "message": message}}
+            self.event("Failed", f"Error: {message}", kind="Warning", container=c)
+            self._back_off(c, BACKOFF_MAX)
             return
         argv[0] = program
-        stdout, stderr = ContainerLog(self.workdir / "logs" / container.name).open(
-            container.restarts + (1 if container.restarting else 0))
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": self.pod["metadata"]["name"]}
-        for item in container.spec.get("env", []):
-            if "value" in item:
-                env[item["name"]] = item["value"]
-        cwd = self.workdir / "root" / container.spec.get("workingDir", "").lstrip("/")
-        cwd.mkdir(parents=True, exist_ok=True)
-        if container.restarts == 0 and container.started_at is None:
-            self.event("Pulled", f"Container image \"{image.reference}\" already present on machine",
-                       container=container.name)  # fmt: skip
+        folder = self.workdir / "containers" / c.name
+        (folder / "tmp").mkdir(parents=True, exist_ok=True)
+        (folder / "start-error").unlink(missing_ok=True)
+        c.env = env
+        if self.isolated:
+            c.cwd = c.spec.get("workingDir") or "/"
+            spec = {"mode": "run", "pod_pid": self.pause.pid, "rootfs": str(folder / "rootfs"),
+                    "layers": str(folder / "layers"), "tmp": str(folder / "tmp"),
+                    "hide": [str(self.workdir.parents[3])], "mounts": mounts, "cwd": c.cwd, "env": env,
+                    "argv": argv, "error_file": str(folder / "start-error")}  # fmt: skip
+            (folder / "launch.json").write_text(json.dumps(spec))
+            command = [sys.executable, "-I", "-S", launch.__file__, str(folder / "launch.json")]
+            cwd = folder
+        else:
+            command = argv
+            cwd = self.workdir / "root" / c.spec.get("workingDir", "").lstrip("/")
+            cwd.mkdir(parents=True, exist_ok=True)
+            c.cwd = str(cwd)
+        if c.restarts == 0 and c.started_at is None:
+            self.event("Pulled", f"Container image \"{image.reference}\" already present on machine", container=c)
+        stdout, stderr = self._output(c)
         try:
-            container.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
-                                                  stderr=stderr, env=env, cwd=cwd,
-                                                  start_new_session=True)  # fmt: skip
+            c.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env,
+                                         cwd=cwd, start_new_session=True)  # fmt: skip
         except OSError as exc:
-            container.state = {"waiting": {"reason": "RunContainerError", "message": str(exc)}}
-            self.event("Failed", f"Error: {exc}", kind="Warning", container=container.name)
-            container.next_start = time.monotonic() + container.backoff
+            c.state = {"waiting": {"reason": "RunContainerError", "message": str(exc)}}
+            self.event("Failed", f"Error: {exc}", kind="Warning", container=c)
+            self._back_off(c, BACKOFF_MAX)
             return
         finally:
             os.close(stdout)
             os.close(stderr)
-        if container.restarting:
-            container.restarts += 1
-            container.restarting = False
-        container.started_at = api_time()
-        container.started_mono = time.monotonic()
-        container.state = {"running": {"startedAt": container.started_at}}
-        self.event("Created", f"Created container: {container.name}", container=container.name)
-        self.event("Started", f"Started container {container.name}", container=container.name)
+        procs.record(c.process.pid, folder / "container.pid")
+        if c.restarting:
+            c.restarts += 1
+            c.restarting = False
+        c.started_at = api_time()
+        c.started_mono = time.monotonic()
+        c.state = {"running": {"startedAt": c.started_at}}
+        self.event("Created", f"Created container: {c.name}", container=c)
+        self.event("Started", f"Started container {c.name}", container=c)
+        if not c.init and probes.Prober.wanted(c.spec):
+            c.prober = probes.Prober(c.spec, c.process.pid, self.isolated, env, c.cwd,
+                                     lambda reason, message, kind: self.event(reason, message, kind, container=c))
+            c.prober.start()
+        hook = c.spec.get("lifecycle", {}).get("postStart")
+        if hook:
+            threading.Thread(target=self._post_start, args=(c, hook), daemon=True).start()
 
-    def _exited(self, container: Container, code: int, policy: str) -> None:
+    def _post_start(self, c: Container, hook: dict) -> None:
+        failure = self._hook(c, hook, 30.0)
+        if failure and c.process is not None:
+            self.event("FailedPostStartHook", f"PostStartHook failed: {failure}", kind="Warning", container=c)
+            self._stop(c, self._grace(c))
+
+    def _output(self, c: Container) -> tuple[int, int]:
+        """Write ends for a new attempt's stdout and stderr: its CRI log, ``logs/<container>/<restart>.log``."""
+        attempt = c.restarts + (1 if c.restarting else 0)
+        return ContainerLog(self.workdir / "logs" / c.name).open(attempt)
+
+    def _back_off(self, c: Container, ceiling: float) -> float:
+        """Schedule the next attempt after the current back-off, and double it; the delay used."""
+        delay = c.backoff
+        c.backoff = min(ceiling, max(BACKOFF_START, c.backoff * 2))
+        c.next_start = time.monotonic() + delay
+        return delay
+
+    def _pull_failed(self, c: Container) -> None:
+        reference = c.spec.get("image", "")
+        message = (f"Failed to pull image \"{reference}\": labkit's image catalog has no such image (the sandbox "
+                   "runs busybox, alpine, python and the course's own apps)")  # fmt: skip
+        # A failed pull (ErrImagePull) and the wait before the next (ImagePullBackOff) alternate.
+        reason = "ImagePullBackOff" if c.state.get("waiting", {}).get("reason") == "ErrImagePull" else "ErrImagePull"
+        c.state = {"waiting": {"reason": reason, "message": message}}
+        if reason == "ErrImagePull":
+            self.event("Failed", message, kind="Warning", container=c)
+        else:
+            self.event("BackOff", f"Back-off pulling image \"{reference}\"", container=c)
+        self._back_off(c, PULL_BACKOFF_MAX)
+        c.next_start = max(c.next_start, time.monotonic() + 1.0)
+
+    def _config_failed(self, c: Container, message: str) -> None:
+        if c.state.get("waiting", {}).get("message") != message:
+            self.event("Failed", f"Error: {message}", kind="Warning", container=c)
+        c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": message}}
+        c.next_start = time.monotonic() + CONFIG_RETRY
+
+    def _exited(self, c: Container, code: int, policy: str) -> None:
         exit_code = code if code >= 0 else 128 - code  # killed by signal N -> 128 + N
         terminated = {
             "exitCode": exit_code,
-            "reason": "Completed" if exit_code == 0 else "Error",
-            "startedAt": container.started_at,
+            "reason": "OOMKilled" if c.oom else ("Completed" if exit_code == 0 else "Error"),
+            "startedAt": c.started_at,
             "finishedAt": api_time(),
-            "containerID": f"labkit://{container.process.pid}" if container.process else "",
+            "containerID": f"labkit://{c.process.pid}",
         }
-        container.process = None
+        error_file = self.workdir / "containers" / c.name / "start-error"
+        if error_file.exists() and error_file.stat().st_size:  # the launcher could not create the container
+            terminated.update(reason="StartError", exitCode=128, message=error_file.read_text().strip())
+            self.event("Failed", f"Error: {terminated['message']}", kind="Warning", container=c)
+        if c.prober:
+            c.prober.stop()
+            c.prober = None
+        c.process = None
+        c.oom = False
+        c.kill_deadline = 0.0
+        c.measured = None
         restart = policy == "Always" or (policy == "OnFailure" and exit_code != 0)
         if not restart:
-            container.state = {"terminated": terminated}
-            container.done = True
+            c.state = {"terminated": terminated}
+            c.done = True
             return
-        if time.monotonic() - container.started_mono >= BACKOFF_RESET_AFTER:
-            container.backoff = 0.0
-        container.last_state = {"terminated": terminated}
-        container.restarting = True
-        delay = container.backoff
-        container.backoff = min(BACKOFF_MAX, max(BACKOFF_START, container.backoff * 2))
-        container.next_start = time.monotonic() + delay
-        message = f"back-off {delay:.0f}s restarting failed container={container.name} pod={self.pod['metadata']['name']}"
-        container.state = {"waiting": {"reason": "CrashLoopBackOff", "message": message}}
-        self.event("BackOff", "Back-off restarting failed container", kind="Warning", container=container.name)
+        if time.monotonic() - c.started_mono >= BACKOFF_RESET_AFTER:
+            c.backoff = 0.0
+        c.last_state = {"terminated": terminated}
+        c.restarting = True
+        delay = self._back_off(c, BACKOFF_MAX)
+        message = f"back-off {delay:.0f}s restarting failed container={c.name} pod={self.pod['metadata']['name']}"
+        c.state = {"waiting": {"reason": "CrashLoopBackOff", "message": message}}
+        self.event("BackOff", "Back-off restarting failed container", kind="Warning", container=c)
 
     # -- status ------------------------------------------------------------------------------
 
+    def _init_done(self) -> bool:
+        return all(c.succeeded for c in self.init_containers)
+
     def _phase(self) -> str:
-        if any("running" in c.state for c in self.containers):
+        if any(c.done and not c.succeeded for c in self.init_containers):
+            return "Failed"
+        if not self._init_done():
+            return "Pending"
+        if any(c.running for c in self.containers):
             return "Running"
         if self.containers and all(c.done for c in self.containers):
-            return "Succeeded" if all(c.state["terminated"]["exitCode"] == 0 for c in self.containers) else "Failed"
+            return "Succeeded" if all(c.succeeded for c in self.containers) else "Failed"
         if any(c.restarts or c.started_at for c in self.containers):
             return "Running"
         return "Pending"
 
+    @staticmethod
+    def _container_status(c: Container) -> dict:
+        prober = c.prober
+        started = c.running and (prober.started if prober else True)
+        ready = c.succeeded if c.init else (started and (prober.ready if prober else True))
+        entry = {
+            "name": c.name, "image": c.spec.get("image", ""), "imageID": c.image_id,
+            "ready": ready, "started": started, "restartCount": c.restarts,
+            "state": c.state, "lastState": c.last_state,
+        }  # fmt: skip
+        if c.process is not None:
+            entry["containerID"] = f"labkit://{c.process.pid}"
+        return entry
+
     def status(self) -> dict:
         stamp = api_time()
-        statuses = []
-        for c in self.containers:
-            running = "running" in c.state
-            entry = {
-                "name": c.name, "image": c.spec.get("image", ""),
-                "imageID": c.image_id,
-                "ready": running, "started": running, "restartCount": c.restarts,
-                "state": c.state, "lastState": c.last_state,
-            }  # fmt: skip
-            if c.process is not None:
-                entry["containerID"] = f"labkit://{c.process.pid}"
-            statuses.append(entry)
+        statuses = [self._container_status(c) for c in self.containers]
         all_ready = bool(statuses) and all(s["ready"] for s in statuses)
         phase = self._phase()
         ready_reason = None if all_ready else ("PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady")
+        initialized = self._init_done()
 
-        def condition(kind: str, ok: bool, reason: str | None = None) -> dict:
+        def condition(kind: str, ok: bool, reason: str | None = None, message: str | None = None) -> dict:
             entry = {"type": kind, "status": "True" if ok else "False", "lastProbeTime": None,
                      "lastTransitionTime": stamp}  # fmt: skip
             if reason:
                 entry["reason"] = reason
+            if message:
+                entry["message"] = message
             return entry
 
-        return {
+        waiting = [c.name for c in self.init_containers if not c.succeeded]
+        not_ready = [s["name"] for s in statuses if not s["ready"]]
+        ready_message = f"containers with unready status: [{' '.join(not_ready)}]" if not_ready else None
+        status = {
             "phase": phase,
             "hostIP": "127.0.0.1",
             "hostIPs": [{"ip": "127.0.0.1"}],
             "startTime": self.start_time,
             "conditions": [
-                condition("PodReadyToStartContainers", True),
-                condition("Initialized", True),
-                condition("ContainersReady", all_ready, ready_reason),
-                condition("Ready", all_ready, ready_reason),
+                condition("PodReadyToStartContainers", self.mounted),
+                condition("Initialized", initialized, None if initialized else "ContainersNotInitialized",
+                          None if initialized else f"containers with incomplete status: [{' '.join(waiting)}]"),
+                condition("ContainersReady", all_ready, ready_reason, ready_message),
+                condition("Ready", all_ready, ready_reason, ready_message),
             ],
             "containerStatuses": statuses,
         }
+        if self.init_containers:
+            status["initContainerStatuses"] = [self._container_status(c) for c in self.init_containers]
+        return status
 
     def _report(self, force: bool = False) -> None:
         if self.lost:
@@ -308,16 +539,17 @@ class PodWorker(threading.Thread):
     # -- stopping ----------------------------------------------------------------------------
 
     def _terminate(self) -> None:
-        """Graceful deletion: SIGTERM, the grace period, SIGKILL; then the final delete."""
+        """Graceful deletion: preStop hooks and SIGTERM, the grace period, SIGKILL; then the final delete."""
         meta = self.pod["metadata"]
         grace = meta.get("deletionGracePeriodSeconds")
         if grace is None:
             grace = self.pod["spec"].get("terminationGracePeriodSeconds", 30)
-        running = [c for c in self.containers if c.process is not None and c.process.poll() is None]
+        running = [c for c in self.all_containers() if c.process is not None and c.process.poll() is None]
         for c in running:
             if not self.lost:
-                self.event("Killing", f"Stopping container {c.name}", container=c.name)
-            _signal_group(c.process, signal.SIGTERM)
+                self.event("Killing", f"Stopping container {c.name}", container=c)
+            if grace:
+                self._stop(c, grace)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(c.process.poll() is None for c in running):
             time.sleep(0.1)
@@ -338,26 +570,43 @@ class PodWorker(threading.Thread):
         except APIError as exc:
             if exc.status not in (404, 409):
                 self.log(f"final delete of {self.name}: {exc}")
+                return
+        shutil.rmtree(self.workdir, ignore_errors=True)  # the pod is gone: its logs and volumes go too
 
     def _kill_all(self) -> None:
-        for c in self.containers:
+        for c in self.all_containers():
+            if c.prober:
+                c.prober.stop()
             if c.process is not None and c.process.poll() is None:
                 _signal_group(c.process, signal.SIGKILL)
                 c.process.wait()
+        if self.pause is not None and self.pause.poll() is None:
+            _signal_group(self.pause, signal.SIGKILL)
+            self.pause.wait()
 
 
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
+def _signal_group(process: subprocess.Popen | None, sig: int) -> None:
+    if process is None:
+        return
     try:
         os.killpg(process.pid, sig)
     except ProcessLookupError:
         pass
 
 
+def _path(extra: tuple[str, ...]) -> str:
+    """A container's PATH: the image's own folders, this Python's, the standard ones, then the agent's."""
+    entries = [*extra, os.path.dirname(sys.executable), *STANDARD_PATH, *os.environ.get("PATH", "").split(":")]
+    return ":".join(dict.fromkeys(e for e in entries if e))
+
+
 class PodSource(threading.Thread):
     """Lists and watches the pods bound to one node; keeps one worker per pod."""
 
-    def __init__(self, node: str, api: KubeAPI, root: Path, stopping: threading.Event, log) -> None:  # noqa: ANN001
+    def __init__(self, node: str, api: KubeAPI, root: Path, stopping: threading.Event, log,  # noqa: ANN001
+                 allocatable: dict | None = None) -> None:  # fmt: skip
         super().__init__(name=f"pods-{node}", daemon=True)
+        self.allocatable = allocatable or {}
         self.node = node
         self.api = api
         self.root = root
@@ -383,10 +632,18 @@ class PodSource(threading.Thread):
                     self._handle("MODIFIED", pod)
                 for uid in set(self.workers) - seen:
                     self._forget(uid)
+                self._collect(seen)
                 self._watch(listing["metadata"]["resourceVersion"])
             except (APIError, OSError, ValueError) as exc:
                 self.log(f"pods of {self.node}: {exc}; listing again")
                 self.stopping.wait(1.0)
+
+    def _collect(self, live: set[str]) -> None:
+        """Remove the folders of pods that no longer exist (deleted while the agent was away)."""
+        for folder in self.root.iterdir() if self.root.is_dir() else []:
+            uid = folder.name.rsplit("_", 1)[-1]
+            if uid not in live and uid not in self.workers:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _watch(self, version: str) -> None:
         path = (f"/api/v1/pods?fieldSelector={self._selector()}&watch=1&resourceVersion={version}"
@@ -410,7 +667,7 @@ class PodSource(threading.Thread):
             if pod.get("status", {}).get("phase") in ("Succeeded", "Failed") and not pod["metadata"].get("deletionTimestamp"):
                 return  # finished before this agent started: nothing to run
             folder = self.root / f"{pod['metadata']['namespace']}_{pod['metadata']['name']}_{uid}"
-            worker = PodWorker(pod, self.api, self.node, folder, self.log)
+            worker = PodWorker(pod, self.api, self.node, folder, self.log, self.allocatable, namespaces.available())
             self.workers[uid] = worker
             worker.start()
         else:

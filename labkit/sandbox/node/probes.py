@@ -1,0 +1,242 @@
+"""Liveness, readiness and startup probes: the kubelet's prober, one thread per probed container.
+
+Each probe runs on its own schedule (initialDelaySeconds, periodSeconds,
+timeoutSeconds, successThreshold, failureThreshold, with the API's defaults).
+Until a startup probe succeeds the other two wait; a failed startup or liveness
+probe asks the pod worker to restart the container; readiness decides whether
+the container counts as ready. httpGet and tcpSocket probes connect from inside
+the pod's network namespace, exec probes run in the container's namespaces, so
+each probe sees what it would see on a real node. Failures are reported as the
+kubelet words them, in ``Unhealthy`` events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from labkit.sandbox.node import launch
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    message: str = ""
+
+
+@contextlib.contextmanager
+def network_of(pid: int | None):  # noqa: ANN201
+    """Run the block in process ``pid``'s network namespace (this thread only), then come back."""
+    if pid is None:
+        yield
+        return
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "cannot enter the pod's network namespace")
+        try:
+            yield
+        finally:
+            _libc.setns(own, CLONE_NEWNET)
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+def _port(value: int | str, container: dict) -> int:
+    if isinstance(value, int) or str(value).isdigit():
+        return int(value)
+    for port in container.get("ports", []):
+        if port.get("name") == value:
+            return int(port["containerPort"])
+    raise ValueError(f"couldn't find port {value!r} in the container's ports")
+
+
+def http_get(spec: dict, container: dict, host: str, timeout: float, netns: int | None) -> Outcome:
+    scheme = spec.get("scheme", "HTTP").lower()
+    host = spec.get("host") or host
+    path = spec.get("path", "/") or "/"
+    try:
+        port = _port(spec["port"], container)
+    except ValueError as exc:
+        return Outcome(False, str(exc))
+    url = f"{scheme}://{host}:{port}{path}"
+    headers = {"User-Agent": "kube-probe/1.36", "Accept": "*/*"}
+    headers.update({h["name"]: h["value"] for h in spec.get("httpHeaders", [])})
+    try:
+        with network_of(netns):
+            if scheme == "https":
+                context = ssl._create_unverified_context()  # the kubelet does not verify probe certificates
+                conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+            else:
+                conn = http.client.HTTPConnection(host, port, timeout=timeout)
+            conn.connect()
+        try:
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            body = response.read(10 * 1024)
+        finally:
+            conn.close()
+    except socket.timeout:
+        return Outcome(False, f'Get "{url}": context deadline exceeded (Client.Timeout exceeded while awaiting headers)')
+    except ConnectionRefusedError:
+        return Outcome(False, f'Get "{url}": dial tcp {host}:{port}: connect: connection refused')
+    except (OSError, http.client.HTTPException) as exc:
+        return Outcome(False, f'Get "{url}": {exc}')
+    if 200 <= response.status < 400:
+        return Outcome(True)
+    detail = body.decode(errors="replace").strip()
+    return Outcome(False, f"HTTP probe failed with statuscode: {response.status}" + (f", body: {detail[:200]}" if detail else ""))
+
+
+def tcp_socket(spec: dict, container: dict, host: str, timeout: float, netns: int | None) -> Outcome:
+    host = spec.get("host") or host
+    try:
+        port = _port(spec["port"], container)
+        with network_of(netns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        with sock:
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+    except ConnectionRefusedError:
+        return Outcome(False, f"dial tcp {host}:{port}: connect: connection refused")
+    except socket.timeout:
+        return Outcome(False, f"dial tcp {host}:{port}: i/o timeout")
+    except (OSError, ValueError) as exc:
+        return Outcome(False, str(exc))
+    return Outcome(True)
+
+
+def run_in(pid: int | None, argv: list[str], env: dict[str, str], cwd: str, timeout: float) -> tuple[int, str]:
+    """Run ``argv`` inside the container of process ``pid`` (its namespaces, environment and working
+    directory); (exit code, output). A timeout is exit code -1."""
+    spec = {"mode": "join", "pid": pid, "argv": argv, "env": env, "cwd": cwd}
+    if pid is None:
+        spec["mode"] = "plain"
+    command = [sys.executable, "-I", "-S", launch.__file__, json.dumps(spec)]
+    try:
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        return -1, (exc.stdout or b"").decode(errors="replace")
+    return done.returncode, (done.stdout + done.stderr).decode(errors="replace")
+
+
+def exec_action(spec: dict, env: dict[str, str], cwd: str, timeout: float, pid: int | None) -> Outcome:
+    argv = spec.get("command") or []
+    if not argv:
+        return Outcome(False, "exec probe has no command")
+    code, output = run_in(pid, argv, env, cwd, timeout)
+    if code == -1:
+        return Outcome(False, f"command {argv!r} timed out")
+    if code != 0:
+        detail = output.strip()
+        return Outcome(False, f"command {argv!r} exited with {code}" + (f": {detail[:300]}" if detail else ""))
+    return Outcome(True)
+
+
+KINDS = (("startupProbe", "Startup"), ("livenessProbe", "Liveness"), ("readinessProbe", "Readiness"))
+
+
+class _Schedule:
+    """One probe's settings and its running tally."""
+
+    def __init__(self, spec: dict) -> None:
+        self.spec = spec
+        self.initial = float(spec.get("initialDelaySeconds", 0))
+        self.period = float(spec.get("periodSeconds", 10))
+        self.timeout = float(spec.get("timeoutSeconds", 1))
+        self.successes_needed = int(spec.get("successThreshold", 1))
+        self.failures_allowed = int(spec.get("failureThreshold", 3))
+        self.successes = 0
+        self.failures = 0
+        self.next_at = 0.0
+
+
+class Prober(threading.Thread):
+    """Probes one running container; the pod worker reads ``ready``/``started`` and ``restart_reason``."""
+
+    def __init__(self, container: dict, pid: int | None, isolated: bool, env: dict[str, str], cwd: str,
+                 event: Callable[[str, str, str], None]) -> None:  # fmt: skip
+        super().__init__(name=f"probe-{container['name']}-{pid}", daemon=True)
+        self.container = container
+        self.pid = pid
+        self.netns = pid if isolated else None
+        self.join_pid = pid if isolated else None
+        self.env = env
+        self.cwd = cwd
+        self.event = event  # (reason, message, type)
+        self.stopped = threading.Event()
+        self.schedules = {kind: _Schedule(container[key]) for key, kind in KINDS if container.get(key)}
+        self.started = "Startup" not in self.schedules
+        self.ready = "Readiness" not in self.schedules
+        self.restart_reason: str | None = None  # set once a startup/liveness probe has failed for good
+
+    @staticmethod
+    def wanted(container: dict) -> bool:
+        return any(container.get(key) for key, _ in KINDS)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def probe(self, schedule: _Schedule) -> Outcome:
+        spec = schedule.spec
+        if "httpGet" in spec:
+            return http_get(spec["httpGet"], self.container, "127.0.0.1", schedule.timeout, self.netns)
+        if "tcpSocket" in spec:
+            return tcp_socket(spec["tcpSocket"], self.container, "127.0.0.1", schedule.timeout, self.netns)
+        if "exec" in spec:
+            return exec_action(spec["exec"], self.env, self.cwd, schedule.timeout, self.join_pid)
+        return Outcome(False, "the sandbox supports httpGet, tcpSocket and exec probes")
+
+    def run(self) -> None:
+        begun = time.monotonic()
+        for schedule in self.schedules.values():
+            schedule.next_at = begun + schedule.initial
+        while not self.stopped.is_set() and self.restart_reason is None:
+            now = time.monotonic()
+            for kind, schedule in self.schedules.items():
+                if now < schedule.next_at or (kind != "Startup" and not self.started):
+                    continue
+                if kind == "Startup" and self.started:
+                    continue
+                schedule.next_at = now + schedule.period
+                self._record(kind, schedule, self.probe(schedule))
+                if self.stopped.is_set() or self.restart_reason:
+                    return
+            self.stopped.wait(0.1)
+
+    def _record(self, kind: str, schedule: _Schedule, outcome: Outcome) -> None:
+        if outcome.ok:
+            schedule.failures = 0
+            schedule.successes += 1
+            if schedule.successes >= schedule.successes_needed:
+                if kind == "Startup":
+                    self.started = True
+                elif kind == "Readiness":
+                    self.ready = True
+            return
+        schedule.successes = 0
+        schedule.failures += 1
+        self.event("Unhealthy", f"{kind} probe failed: {outcome.message}", "Warning")
+        if schedule.failures < schedule.failures_allowed:
+            return
+        if kind == "Readiness":
+            self.ready = False
+        else:
+            what = "liveness" if kind == "Liveness" else "startup"
+            self.restart_reason = f"Container {self.container['name']} failed {what} probe, will be restarted"

@@ -1,0 +1,80 @@
+"""CPU and memory use of each container, sampled from /proc for the whole agent in one pass.
+
+A container is the process session its first process leads (the agent starts
+each container in a new session), so one scan of /proc a second groups every
+process by session and sums resident memory and CPU time. The pod workers read
+their containers' figures from here to enforce memory limits (an OOM kill) and
+to report usage.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICKS = os.sysconf("SC_CLK_TCK")
+INTERVAL = 0.5
+
+
+@dataclass(frozen=True)
+class Usage:
+    memory_bytes: int
+    cpu_seconds: float
+    processes: int
+
+
+def scan() -> dict[int, Usage]:
+    """{session id: usage} over every live process."""
+    totals: dict[int, list[float]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == b"Z":
+            continue
+        session = int(fields[3])  # stat field 6
+        cpu = (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+        rss = int(fields[21]) * PAGE
+        entry = totals.setdefault(session, [0, 0.0, 0])
+        entry[0] += rss
+        entry[1] += cpu
+        entry[2] += 1
+    return {sid: Usage(int(m), c, int(n)) for sid, (m, c, n) in totals.items()}
+
+
+class Monitor(threading.Thread):
+    """Keeps the latest scan; started once per agent, on first use."""
+
+    _instance: Monitor | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        super().__init__(name="usage", daemon=True)
+        self.latest: dict[int, Usage] = {}
+        self.taken = 0.0
+        self.changed = threading.Condition()
+
+    @classmethod
+    def get(cls) -> Monitor:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+                cls._instance.latest = scan()
+                cls._instance.start()
+            return cls._instance
+
+    def run(self) -> None:
+        while True:
+            time.sleep(INTERVAL)
+            self.latest = scan()
+            self.taken = time.monotonic()
+
+    def of(self, session: int) -> Usage | None:
+        return self.latest.get(session)
