@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = named("up", "start a sandbox (no-op if it runs) and wait until it is ready", cmd_up)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
     p.add_argument("--nodes", type=int, default=None,
-                   help="how many nodes the node agent registers (kept for later `up`s; default 0)")
+                   help="how many nodes the node agent registers (kept for later `up`s; default 3)")
     p = named("down", "stop a sandbox; its cluster state is kept unless --purge", cmd_down)
     p.add_argument("--purge", action="store_true", help="also delete its state (certificates, etcd data, logs)")
     named("env", "print shell exports that point kubectl at a sandbox", cmd_env)

@@ -44,7 +44,7 @@ def tools() -> binaries.Toolset:
 @pytest.fixture(scope="session")
 def sandbox(tools: binaries.Toolset) -> Sandbox:
     sb = Sandbox("shared")
-    sb.up(say=_quiet)
+    sb.up(say=_quiet, nodes=0)  # the control plane alone: tests that need nodes start their own
     yield sb
     sb.down(purge=True, say=_quiet)
 

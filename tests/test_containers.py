@@ -345,3 +345,35 @@ spec:
     p = pod(cluster, ns, "remote")
     assert p["status"]["phase"] == "Pending"
     assert status_of(p)["state"]["waiting"]["reason"] == "ContainerCreating"
+
+
+def test_node_reports_each_containers_cpu_and_memory(cluster: Sandbox, ns: str) -> None:
+    apply(cluster, ns, """
+apiVersion: v1
+kind: Pod
+metadata: {name: busy}
+spec:
+  containers:
+  - name: app
+    image: python:3.12
+    command: [python3, -c, "block = bytearray(64 * 2**20); end = __import__('time').time() + 3600\\nwhile True: sum(range(10000))"]
+""")
+    eventually(lambda: pod(cluster, ns, "busy")["status"].get("phase") == "Running", what="Running")
+
+    # Straight to the node's kubelet API with the admin's certificate: the API server's node proxy
+    # refuses loopback addresses, which is what the sandbox's nodes have until they get their own.
+    port = kubectl_json(cluster, "get", "node", "node-1")["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+
+    def sample(name: str) -> float | None:
+        text = kubectl(cluster, f"--server=https://127.0.0.1:{port}", "get", "--raw", "/metrics/resource").stdout
+        for line in text.splitlines():
+            if line.startswith(name + "{") and f'namespace="{ns}"' in line and 'pod="busy"' in line:
+                return float(line.split()[1])
+        return None
+
+    memory = eventually(lambda: (m := sample("container_memory_working_set_bytes")) and m > 64 * 2**20 and m,
+                        what="the container's memory in the node's resource metrics")  # fmt: skip
+    assert memory < 512 * 2**20
+    first = eventually(lambda: sample("container_cpu_usage_seconds_total"), what="CPU use")
+    eventually(lambda: (sample("container_cpu_usage_seconds_total") or 0) > first + 0.5, what="CPU use to grow")
+    assert (sample("pod_memory_working_set_bytes") or 0) >= memory * 0.9

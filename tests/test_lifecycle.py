@@ -38,7 +38,7 @@ def test_down_leaves_no_process_and_no_port(fresh: Sandbox) -> None:
     assert up.returncode == 0, up.stderr
     assert "is up" in up.stderr and "eval" in up.stderr  # says how to use it
     config = fresh.state.load()
-    assert len(sandbox_processes(fresh)) == 5  # supervisor + four components
+    assert len(sandbox_processes(fresh)) == 6  # supervisor, four components, the node agent
     assert len(_listening(fresh, config)) == len(config["ports"])
 
     down = run_labkit("sandbox", "down", "--name", fresh.name)
@@ -102,7 +102,7 @@ def test_two_named_sandboxes_run_side_by_side(tools) -> None:  # noqa: ANN001
         assert kubectl(two, "get", "namespace", "only-in-one", check=False).returncode != 0
         one.down(say=_quiet)  # stopping one leaves the other alone
         assert kubectl(two, "get", "--raw", "/readyz").stdout.strip() == "ok"
-        assert sandbox_processes(one) == [] and len(sandbox_processes(two)) == 5
+        assert sandbox_processes(one) == [] and len(sandbox_processes(two)) == 6
     finally:
         one.down(purge=True, say=_quiet)
         two.down(purge=True, say=_quiet)

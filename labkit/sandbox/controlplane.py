@@ -38,7 +38,7 @@ PORT_RANGE = (20000, 32000)  # below Linux's ephemeral range, so outgoing connec
 READY_TIMEOUT = 120.0
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 NODE_AGENT = "node-agent"
-DEFAULT_NODES = 0  # until the node agent runs pods, a sandbox has no nodes unless asked
+DEFAULT_NODES = 3  # one per zone
 ZONES = ("zone-a", "zone-b", "zone-c")
 NODE_CAPACITY = {"cpu": "2", "memory": "4Gi", "pods": "110"}
 # Which port each component serves its health on, and the path to ask.

@@ -47,6 +47,7 @@ class Container:
     process: subprocess.Popen | None = None
     started_at: str | None = None
     started_mono: float = 0.0
+    started_wall: float = 0.0
     restarts: int = 0
     state: dict = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
     image_id: str = ""
@@ -363,6 +364,7 @@ class PodWorker(threading.Thread):
             c.restarting = False
         c.started_at = api_time()
         c.started_mono = time.monotonic()
+        c.started_wall = time.time()
         c.state = {"running": {"startedAt": c.started_at}}
         self.event("Created", f"Created container: {c.name}", container=c)
         self.event("Started", f"Started container {c.name}", container=c)

@@ -38,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from labkit.sandbox.node import logs
+from labkit.sandbox.node import logs, metrics
 
 APISERVER_CLIENT = "kube-apiserver-kubelet-client"
 ADMIN_GROUP = "system:masters"
@@ -202,6 +202,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(200, "ok")
             elif url.path.startswith("/containerLogs/"):
                 self._container_logs(url)
+            elif url.path == "/metrics/resource":
+                self._reply(200, metrics.resource_metrics(self.server.owner.workers()))
             else:
                 self._reply(404, "404 page not found\n")
         except Refused as refusal:
