@@ -85,6 +85,30 @@ def eventually(predicate: Callable[[], object], timeout: float = 60, what: str =
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last value: {last!r})")
 
 
+def module_cluster(name: str, nodes: int):  # noqa: ANN201 - a pytest fixture
+    """A sandbox with ``nodes`` nodes, started once for a test module (as its ``cluster`` fixture)."""
+
+    @pytest.fixture(scope="module")
+    def cluster(tools: binaries.Toolset) -> Sandbox:
+        sb = Sandbox(name)
+        sb.up(say=_quiet, nodes=nodes)
+        yield sb
+        sb.down(purge=True, say=_quiet)
+
+    return cluster
+
+
+@pytest.fixture
+def ns(cluster: Sandbox, request: pytest.FixtureRequest) -> str:
+    """A namespace of the module's ``cluster`` named after the test, with its default ServiceAccount."""
+    name = request.node.name.removeprefix("test_").replace("_", "-")[:40].strip("-")
+    kubectl(cluster, "create", "namespace", name)
+    eventually(lambda: kubectl(cluster, "-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
+               what="the default ServiceAccount")  # fmt: skip
+    yield name
+    kubectl(cluster, "delete", "namespace", name, "--wait=false", check=False)
+
+
 @pytest.fixture
 def namespace(sandbox: Sandbox) -> str:
     name = f"t-{uuid.uuid4().hex[:8]}"

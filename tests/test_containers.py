@@ -10,32 +10,12 @@ import json
 import time
 from pathlib import Path
 
-import pytest
-from conftest import eventually, kubectl, kubectl_json
+from conftest import eventually, kubectl, kubectl_json, module_cluster
 
 from labkit.sandbox.controlplane import Sandbox
 
 
-def _quiet(_: str) -> None:
-    pass
-
-
-@pytest.fixture(scope="module")
-def cluster(tools) -> Sandbox:  # noqa: ANN001
-    sb = Sandbox("containers")
-    sb.up(say=_quiet, nodes=1)
-    yield sb
-    sb.down(purge=True, say=_quiet)
-
-
-@pytest.fixture
-def ns(cluster: Sandbox, request) -> str:  # noqa: ANN001
-    name = request.node.name.replace("_", "-")[:40].strip("-")
-    kubectl(cluster, "create", "namespace", name)
-    eventually(lambda: kubectl(cluster, "-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
-               what="the default ServiceAccount")  # fmt: skip
-    yield name
-    kubectl(cluster, "delete", "namespace", name, "--wait=false", check=False)
+cluster = module_cluster("containers", nodes=1)
 
 
 def apply(cluster: Sandbox, ns: str, manifest: str) -> None:

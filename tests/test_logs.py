@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import eventually, kubectl, kubectl_json, run_labkit
+from conftest import eventually, kubectl, kubectl_json, module_cluster, run_labkit
 
 from labkit.sandbox import binaries, procs
 from labkit.sandbox.controlplane import Sandbox, kubelet_port_name
@@ -94,22 +94,7 @@ def test_only_the_attempt_before_is_kept(tmp_path: Path) -> None:
 # -- kubectl logs against a sandbox ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cluster(tools) -> Sandbox:  # noqa: ANN001
-    sb = Sandbox("logs")
-    sb.up(say=_quiet, nodes=1)
-    yield sb
-    sb.down(purge=True, say=_quiet)
-
-
-@pytest.fixture
-def ns(cluster: Sandbox, request) -> str:  # noqa: ANN001
-    name = request.node.name.replace("_", "-")[:40].strip("-")
-    kubectl(cluster, "create", "namespace", name)
-    eventually(lambda: kubectl(cluster, "-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
-               what="the default ServiceAccount")  # fmt: skip
-    yield name
-    kubectl(cluster, "delete", "namespace", name, "--wait=false", check=False)
+cluster = module_cluster("logs", nodes=1)
 
 
 def _logs(cluster: Sandbox, ns: str, *args: str) -> subprocess.CompletedProcess:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
-from conftest import eventually, kubectl, kubectl_json, run_labkit
+from conftest import eventually, kubectl, kubectl_json, module_cluster, run_labkit
 
 from labkit.sandbox import procs
 from labkit.sandbox.controlplane import Sandbox
@@ -13,12 +12,7 @@ def _quiet(_: str) -> None:
     pass
 
 
-@pytest.fixture(scope="module")
-def cluster(tools) -> Sandbox:  # noqa: ANN001
-    sb = Sandbox("pods")
-    sb.up(say=_quiet, nodes=2)
-    yield sb
-    sb.down(purge=True, say=_quiet)
+cluster = module_cluster("pods", nodes=2)
 
 
 def _pod(cluster: Sandbox, ns: str, name: str) -> dict:
@@ -27,16 +21,6 @@ def _pod(cluster: Sandbox, ns: str, name: str) -> dict:
 
 def _container(pod: dict) -> dict:
     return pod["status"].get("containerStatuses", [{}])[0]
-
-
-@pytest.fixture
-def ns(cluster: Sandbox, request) -> str:  # noqa: ANN001
-    name = request.node.name.replace("_", "-")[:40].strip("-")
-    kubectl(cluster, "create", "namespace", name)
-    eventually(lambda: kubectl(cluster, "-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
-               what="the default ServiceAccount")  # fmt: skip
-    yield name
-    kubectl(cluster, "delete", "namespace", name, "--wait=false", check=False)
 
 
 def test_deployment_runs_as_processes_and_scales(cluster: Sandbox, ns: str) -> None:

@@ -9,31 +9,11 @@ from __future__ import annotations
 
 import re
 
-import pytest
-from conftest import eventually, kubectl, kubectl_json, run_labkit
+from conftest import eventually, kubectl, kubectl_json, module_cluster, run_labkit
 
 from labkit.sandbox.controlplane import Sandbox
 
-def _quiet(_: str) -> None:
-    pass
-
-
-@pytest.fixture(scope="module")
-def cluster(tools) -> Sandbox:  # noqa: ANN001
-    sb = Sandbox("workloads")
-    sb.up(say=_quiet, nodes=3)
-    yield sb
-    sb.down(purge=True, say=_quiet)
-
-
-@pytest.fixture
-def ns(cluster: Sandbox, request) -> str:  # noqa: ANN001
-    name = request.node.name.removeprefix("test_").replace("_", "-")[:40].strip("-")
-    kubectl(cluster, "create", "namespace", name)
-    eventually(lambda: kubectl(cluster, "-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
-               what="the default ServiceAccount")  # fmt: skip
-    yield name
-    kubectl(cluster, "delete", "namespace", name, "--wait=false", check=False)
+cluster = module_cluster("workloads", nodes=3)
 
 
 # ---------------------------------------------------------------------------------- helpers
