@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import queue
 import ssl
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -104,3 +106,30 @@ def kubelet_event(involved: dict, reason: str, message: str, *, kind: str, node:
         "lastTimestamp": stamp,
         "count": 1,
     }
+
+
+class EventSink(threading.Thread):
+    """Posts Events in the background, in order, as the kubelet's event broadcaster does: a pod's
+    start is never held up by the API round trips of its Pulled, Created and Started events."""
+
+    def __init__(self, api: KubeAPI, log) -> None:  # noqa: ANN001
+        super().__init__(name="events", daemon=True)
+        self.api = api
+        self.log = log
+        self.queue: queue.Queue[dict] = queue.Queue(maxsize=1000)
+
+    def post(self, event: dict) -> None:
+        if not self.is_alive():
+            self.start()
+        try:
+            self.queue.put_nowait(event)
+        except queue.Full:
+            self.log(f"event {event['reason']} dropped: too many waiting")
+
+    def run(self) -> None:
+        while True:
+            event = self.queue.get()
+            try:
+                self.api.request("POST", f"/api/v1/namespaces/{event['metadata']['namespace']}/events", event)
+            except (APIError, OSError) as exc:
+                self.log(f"event {event['reason']} for {event['involvedObject']['name']}: {exc}")

@@ -66,6 +66,14 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
+def namespace(pid: int, kind: str) -> int | None:
+    """The inode of a process's ``kind`` namespace (``net``, ``mnt`` ...), or None if it is gone."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
+    except OSError:
+        return None
+
+
 def all_pids() -> list[int]:
     return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
 

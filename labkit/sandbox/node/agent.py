@@ -83,7 +83,7 @@ class NodeHeartbeat(threading.Thread):
         self.pods = PodSource(spec.name, self.api, run_dir.parent / "pods" / spec.name, stopping, _log,
                               allocatable={"cpu": spec.cpu, "memory": spec.memory})
         self.kubelet_api = NodeServer(spec.name, spec.port, Path(spec.serving_cert), Path(spec.serving_key), ca,
-                                      lambda: list(self.pods.workers.values()), _log) if spec.port else None  # fmt: skip
+                                      self.pods.current, _log) if spec.port else None  # fmt: skip
 
     # -- the node object ---------------------------------------------------------------------
 
@@ -189,7 +189,8 @@ class NodeHeartbeat(threading.Thread):
         while not self.stopping.is_set():
             if self.marker.exists():  # the machine is "lost": no heartbeats, its processes die
                 registered = False
-                self.pods.paused.set()
+                if not self.pods.paused.is_set():
+                    self.pods.lose()
                 self.serve(False)
                 self.stopping.wait(0.5)
                 continue
@@ -256,7 +257,7 @@ def main() -> int:
     for thread in threads:
         thread.join(2)  # its heartbeat ends (it waits 0.5 s at a time): nothing reopens the kubelet API
         thread.serve(False)
-    workers = [worker for thread in threads for worker in thread.pods.workers.values()]
+    workers = [worker for thread in threads for worker in thread.pods.current()]
     for thread in threads:
         thread.pods.stop_all()
     for worker in workers:

@@ -241,7 +241,7 @@ def pause(spec: dict) -> None:
 
 def run(spec: dict) -> None:
     """Join the pod's namespaces (its pause process), then a mount namespace and root of its own."""
-    join(spec["pod_pid"], ("user", "uts", "net"))
+    join(spec["pod_pid"], ("user", "uts", "net"), required=("uts", "net"))
     _check(_libc.unshare(CLONE_NEWNS), "unshare")
     build_root(spec)
 
@@ -249,11 +249,14 @@ def run(spec: dict) -> None:
 NAMESPACES = {"user": CLONE_NEWUSER, "mnt": CLONE_NEWNS, "uts": CLONE_NEWUTS, "net": CLONE_NEWNET}
 
 
-def join(pid: int, kinds: tuple[str, ...] = ("user", "mnt", "uts", "net")) -> None:
-    """Enter the namespaces of process ``pid`` (user first, when it is not ours)."""
+def join(pid: int, kinds: tuple[str, ...] = ("user", "mnt", "uts", "net"), required: tuple[str, ...] = ()) -> None:
+    """Enter the namespaces of process ``pid`` (user first, when it is not ours); the ``required``
+    ones must differ from ours (a pod's own network, never this machine's)."""
     for kind in kinds:
         path = f"/proc/{pid}/ns/{kind}"
         if os.stat(path).st_ino == os.stat(f"/proc/self/ns/{kind}").st_ino:
+            if kind in required:
+                raise LaunchError(f"the pod's {kind} namespace is not ready")
             continue
         fd = os.open(path, os.O_RDONLY)
         try:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labkit.sandbox import procs
-from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, KubeAPI, api_time, kubelet_event
+from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, EventSink, KubeAPI, api_time, kubelet_event
 from labkit.sandbox.node import envvars, images, launch, namespaces, probes, quantity, usage
 from labkit.sandbox.node.logs import ContainerLog
 from labkit.sandbox.node.volumes import MountError, PodVolumes
@@ -85,7 +85,7 @@ class PodWorker(threading.Thread):
     """Drives one pod toward its spec and reports its status."""
 
     def __init__(self, pod: dict, api: KubeAPI, node: str, workdir: Path, log, allocatable: dict,  # noqa: ANN001
-                 isolated: bool) -> None:  # fmt: skip
+                 isolated: bool, events: EventSink) -> None:  # fmt: skip
         meta = pod["metadata"]
         super().__init__(name=f"pod-{meta['namespace']}-{meta['name']}", daemon=True)
         self.pod = pod
@@ -95,6 +95,7 @@ class PodWorker(threading.Thread):
         self.log = log
         self.allocatable = allocatable
         self.isolated = isolated
+        self.events = events
         self.lock = threading.Lock()
         spec = pod["spec"]
         self.init_containers = [Container(c, init=True) for c in spec.get("initContainers", [])]
@@ -143,11 +144,7 @@ class PodWorker(threading.Thread):
         if container:
             section = "initContainers" if container.init else "containers"
             involved["fieldPath"] = f"spec.{section}{{{container.name}}}"
-        try:
-            self.api.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events",
-                             kubelet_event(involved, reason, message, kind=kind, node=self.node))
-        except (APIError, OSError) as exc:
-            self.log(f"event {reason} for {meta['name']}: {exc}")
+        self.events.post(kubelet_event(involved, reason, message, kind=kind, node=self.node))
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -238,7 +235,16 @@ class PodWorker(threading.Thread):
             self.event("FailedCreatePodSandBox", f"Failed to create pod sandbox: {exc}", kind="Warning")
             return False
         procs.record(self.pause.pid, folder / "pause.pid")
-        return True
+        # Containers join the pause process's namespaces: wait until it has made them.
+        deadline = time.monotonic() + 10
+        while self.pause.poll() is None and time.monotonic() < deadline:
+            if procs.namespace(self.pause.pid, "net") not in (None, procs.namespace(os.getpid(), "net")):
+                return True
+            time.sleep(0.005)
+        self.event("FailedCreatePodSandBox", "Failed to create pod sandbox: the pod's namespaces could not be "
+                   f"made (pause process exit code {self.pause.poll()})", kind="Warning")  # fmt: skip
+        _signal_group(self.pause, signal.SIGKILL)
+        return False
 
     def _hostname(self) -> str:
         return self.pod["spec"].get("hostname") or self.pod["metadata"]["name"]
@@ -615,7 +621,9 @@ class PodSource(threading.Thread):
         self.stopping = stopping
         self.log = log
         self.workers: dict[str, PodWorker] = {}
+        self.lock = threading.RLock()  # the workers, changed by the watch and by a lost node
         self.paused = threading.Event()  # set while the node is "lost"
+        self.events = EventSink(api, log)
 
     def _selector(self) -> str:
         return urllib.parse.quote(f"spec.nodeName={self.node}")
@@ -661,29 +669,44 @@ class PodSource(threading.Thread):
 
     def _handle(self, kind: str, pod: dict) -> None:
         uid = pod["metadata"]["uid"]
-        worker = self.workers.get(uid)
-        if kind == "DELETED":
-            self._forget(uid)
-            return
-        if worker is None:
-            if pod.get("status", {}).get("phase") in ("Succeeded", "Failed") and not pod["metadata"].get("deletionTimestamp"):
-                return  # finished before this agent started: nothing to run
-            folder = self.root / f"{pod['metadata']['namespace']}_{pod['metadata']['name']}_{uid}"
-            worker = PodWorker(pod, self.api, self.node, folder, self.log, self.allocatable, namespaces.available())
-            self.workers[uid] = worker
-            worker.start()
-        else:
-            worker.update(pod)
+        with self.lock:
+            if self.paused.is_set():
+                return
+            worker = self.workers.get(uid)
+            if kind == "DELETED":
+                self._forget(uid)
+                return
+            if worker is None:
+                phase = pod.get("status", {}).get("phase")
+                if phase in ("Succeeded", "Failed") and not pod["metadata"].get("deletionTimestamp"):
+                    return  # finished before this agent started: nothing to run
+                folder = self.root / f"{pod['metadata']['namespace']}_{pod['metadata']['name']}_{uid}"
+                worker = PodWorker(pod, self.api, self.node, folder, self.log, self.allocatable,
+                                   namespaces.available(), self.events)  # fmt: skip
+                self.workers[uid] = worker
+                worker.start()
+            else:
+                worker.update(pod)
 
     def _forget(self, uid: str, lost: bool = False) -> None:
-        worker = self.workers.pop(uid, None)
+        with self.lock:
+            worker = self.workers.pop(uid, None)
         if worker is not None:
             worker.lost = lost
             with worker.lock:
                 worker.pod["metadata"].setdefault("deletionTimestamp", api_time())
                 worker.pod["metadata"]["deletionGracePeriodSeconds"] = 0
 
+    def current(self) -> list[PodWorker]:
+        with self.lock:
+            return list(self.workers.values())
+
+    def lose(self) -> None:
+        """The node is lost: no more pods start, and its processes die at once, with no grace."""
+        self.paused.set()
+        self.stop_all()
+
     def stop_all(self) -> None:
-        """The node is lost: its processes die with it, with no grace."""
-        for uid in list(self.workers):
-            self._forget(uid, lost=True)
+        with self.lock:
+            for uid in list(self.workers):
+                self._forget(uid, lost=True)
