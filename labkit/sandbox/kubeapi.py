@@ -9,11 +9,13 @@ does with the standard library, keeping the agent's memory small.
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
 import queue
 import ssl
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -42,27 +44,56 @@ class APIError(Exception):
 
 
 class KubeAPI:
-    """Client-certificate access to one API server."""
+    """Client-certificate access to one API server.
+
+    Requests reuse one kept-alive connection per thread: the agent's pod workers make
+    many small requests, and a TLS handshake for each would cost more than the request.
+    """
 
     def __init__(self, server: str, ca: Path, cert: Path, key: Path) -> None:
         self.server = server.rstrip("/")
         self.context = ssl.create_default_context(cafile=str(ca))
         self.context.load_cert_chain(str(cert), str(key))
+        parsed = urllib.parse.urlsplit(self.server)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 443
+        self.local = threading.local()
+
+    def _connection(self, timeout: float) -> http.client.HTTPSConnection:
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.context)
+            self.local.conn = conn
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        return conn
 
     def request(
         self, method: str, path: str, body: dict | None = None, *, content_type: str = "application/json",
         timeout: float = 10.0,
     ) -> dict:  # fmt: skip
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.server + path, data=data, method=method)
-        request.add_header("Accept", "application/json")
+        headers = {"Accept": "application/json"}
         if data is not None:
-            request.add_header("Content-Type", content_type)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout, context=self.context) as response:
+            headers["Content-Type"] = content_type
+        for attempt in (1, 2):
+            conn = self._connection(timeout)
+            try:
+                conn.request(method, path, body=data, headers=headers)
+                response = conn.getresponse()
                 text = response.read().decode()
-        except urllib.error.HTTPError as exc:
-            raise APIError(exc.code, exc.read().decode(errors="replace")) from None
+                break
+            except (http.client.HTTPException, ConnectionError, ssl.SSLError) as exc:
+                conn.close()  # a kept-alive connection the server closed: once more on a fresh one
+                self.local.conn = None
+                if attempt == 2:
+                    raise OSError(f"{method} {path}: {exc}") from exc
+            except OSError:
+                conn.close()
+                self.local.conn = None
+                raise
+        if response.status >= 400:
+            raise APIError(response.status, text)
         return json.loads(text) if text else {}
 
     def stream(self, path: str, timeout: float = 90.0):  # noqa: ANN201 - a generator of dicts

@@ -202,9 +202,10 @@ class NodeHeartbeat(threading.Thread):
                         self.register()
                         registered = True
                         _log(f"node {self.spec.name} registered and ready")
-                        self.pods.paused.clear()
                         if not self.pods.is_alive():
                             self.pods.start()
+                        elif self.pods.paused.is_set():
+                            self.pods.resume()
                     self.renew_lease()
                     if time.monotonic() - self.last_status >= STATUS_EVERY:
                         self.post_status()

@@ -1,6 +1,6 @@
 """A container's first process: enter the pod's namespaces, build its file system view, exec the program.
 
-Run by the node agent as ``python -I -S launch.py SPEC`` (SPEC a JSON file or text; standard library only,
+Run by the node agent as ``python -I -S launch.py SPEC`` (see ``command``; standard library only,
 so that it starts in milliseconds and needs no import path). It does what a
 low-level container runtime does for the sandbox, with Linux namespaces and no
 images:
@@ -30,12 +30,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
-import json
+import marshal
 import os
-import socket
 import stat
-import struct
 import sys
 
 CLONE_NEWNS = 0x00020000
@@ -191,9 +188,16 @@ def _overlay(source: str, target: str, layer: str) -> bool:
 
 
 def loopback_up() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        request = struct.pack("16sH14s", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING, b"")
-        fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, request)
+    """Bring up ``lo`` (SIOCSIFFLAGS on a struct ifreq), without importing the socket module."""
+    AF_INET, SOCK_DGRAM = 2, 2
+    fd = _libc.socket(AF_INET, SOCK_DGRAM, 0)
+    if fd < 0:
+        raise LaunchError(f"socket: {os.strerror(ctypes.get_errno())}")
+    try:
+        request = ctypes.create_string_buffer(b"lo".ljust(16, b"\0") + (IFF_UP | IFF_LOOPBACK | IFF_RUNNING).to_bytes(2, sys.byteorder), 40)
+        _check(_libc.ioctl(fd, SIOCSIFFLAGS, request), "bring up the loopback interface")
+    finally:
+        os.close(fd)
 
 
 def build_root(spec: dict) -> None:
@@ -234,6 +238,10 @@ def pause(spec: dict) -> None:
     """The pod's own network and UTS namespaces, held by a sleeping process (the kubelet's pause
     container): every container of the pod joins them, so they share localhost and the hostname."""
     _check(_libc.unshare(CLONE_NEWUTS | CLONE_NEWNET), "unshare")
+    name_and_loopback(spec)
+
+
+def name_and_loopback(spec: dict) -> None:
     hostname = spec.get("hostname", "")[:63].encode()
     _check(_libc.sethostname(hostname, len(hostname)), "sethostname")
     loopback_up()
@@ -242,6 +250,7 @@ def pause(spec: dict) -> None:
 def run(spec: dict) -> None:
     """Join the pod's namespaces (its pause process), then a mount namespace and root of its own."""
     join(spec["pod_pid"], ("user", "uts", "net"), required=("uts", "net"))
+    name_and_loopback(spec)  # again, in case the pause process is a bare `unshare` (cheap, idempotent)
     _check(_libc.unshare(CLONE_NEWNS), "unshare")
     build_root(spec)
 
@@ -271,13 +280,26 @@ def check() -> None:
     mount("tmpfs", "/tmp", "tmpfs", 0, "size=4k")
 
 
+def command(spec: dict, file: str | None = None) -> list[str]:
+    """The command that runs this launcher with ``spec``: written to ``file`` (a container's, kept for
+    a look afterwards) or passed inline. marshal, not JSON: it costs the launcher no import."""
+    data = marshal.dumps(spec)
+    if file is None:
+        argument = data.hex()
+    else:
+        with open(file, "wb") as handle:
+            handle.write(data)
+        argument = file
+    return [sys.executable, "-I", "-S", __file__, argument]
+
+
 def main() -> None:
     argument = sys.argv[1]
-    if argument.startswith("{"):
-        spec = json.loads(argument)
+    if os.path.isabs(argument):
+        with open(argument, "rb") as handle:
+            spec = marshal.loads(handle.read())
     else:
-        with open(argument) as handle:
-            spec = json.load(handle)
+        spec = marshal.loads(bytes.fromhex(argument))
     mode = spec.get("mode", "run")
     _libc.prctl(PR_SET_PDEATHSIG, 9)  # the container dies with the agent thread that started it (SIGKILL)
     # Opened now: the new root hides the agent's folders. Closed by exec (Python's fds are close-on-exec).

@@ -22,8 +22,7 @@ from labkit.sandbox.node import launch
 def available() -> bool:
     """Whether this process may give containers their own namespaces."""
     try:
-        done = subprocess.run([sys.executable, "-I", "-S", launch.__file__, '{"mode": "check"}'],
-                              capture_output=True, timeout=10)  # fmt: skip
+        done = subprocess.run(launch.command({"mode": "check"}), capture_output=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0

@@ -10,6 +10,7 @@ as the API documents it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -225,12 +226,10 @@ class PodWorker(threading.Thread):
             self._kill_all()
         folder = self.workdir / "containers"
         folder.mkdir(parents=True, exist_ok=True)
-        spec = {"mode": "pause", "hostname": self._hostname(), "argv": ["sleep", "infinity"],
-                "env": {"PATH": ":".join(STANDARD_PATH)}}  # fmt: skip
         try:
-            self.pause = subprocess.Popen([sys.executable, "-I", "-S", launch.__file__, json.dumps(spec)],
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+            self.pause = subprocess.Popen(_pause_command(self._hostname()), stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True)  # fmt: skip
         except OSError as exc:
             self.event("FailedCreatePodSandBox", f"Failed to create pod sandbox: {exc}", kind="Warning")
             return False
@@ -338,12 +337,11 @@ class PodWorker(threading.Thread):
         c.env = env
         if self.isolated:
             c.cwd = c.spec.get("workingDir") or "/"
-            spec = {"mode": "run", "pod_pid": self.pause.pid, "rootfs": str(folder / "rootfs"),
+            spec = {"mode": "run", "pod_pid": self.pause.pid, "hostname": self._hostname(), "rootfs": str(folder / "rootfs"),
                     "layers": str(folder / "layers"), "tmp": str(folder / "tmp"),
                     "hide": [str(self.workdir.parents[3])], "mounts": mounts, "cwd": c.cwd, "env": env,
                     "argv": argv, "error_file": str(folder / "start-error")}  # fmt: skip
-            (folder / "launch.json").write_text(json.dumps(spec))
-            command = [sys.executable, "-I", "-S", launch.__file__, str(folder / "launch.json")]
+            command = launch.command(spec, str(folder / "launch.spec"))
             cwd = folder
         else:
             command = argv
@@ -602,6 +600,24 @@ def _signal_group(process: subprocess.Popen | None, sig: int) -> None:
         pass
 
 
+@functools.cache
+def _pause_tools() -> tuple[str, str, str] | None:
+    found = tuple(shutil.which(tool) for tool in ("setpriv", "unshare", "sleep"))
+    return found if all(found) else None  # type: ignore[return-value]
+
+
+def _pause_command(hostname: str) -> list[str]:
+    """A pod's pause process: util-linux's unshare holding new network and UTS namespaces (a couple of
+    milliseconds; each container names the host and brings up loopback as it joins), dying with the
+    agent; else the launcher's own pause mode."""
+    tools = _pause_tools()
+    if tools:
+        setpriv, unshare, sleep = tools
+        return [setpriv, "--pdeathsig", "KILL", "--", unshare, "--net", "--uts", "--", sleep, "infinity"]
+    return launch.command({"mode": "pause", "hostname": hostname, "argv": ["sleep", "infinity"],
+                           "env": {"PATH": ":".join(STANDARD_PATH)}})  # fmt: skip
+
+
 def _path(extra: tuple[str, ...]) -> str:
     """A container's PATH: the image's own folders, this Python's, the standard ones, then the agent's."""
     entries = [*extra, os.path.dirname(sys.executable), *STANDARD_PATH, *os.environ.get("PATH", "").split(":")]
@@ -705,6 +721,13 @@ class PodSource(threading.Thread):
         """The node is lost: no more pods start, and its processes die at once, with no grace."""
         self.paused.set()
         self.stop_all()
+
+    def resume(self) -> None:
+        """The node is back: run its pods again (listed now: the watch may be idle for a while yet)."""
+        listing = self.api.request("GET", f"/api/v1/pods?fieldSelector={self._selector()}")
+        self.paused.clear()
+        for pod in listing.get("items", []):
+            self._handle("MODIFIED", pod)
 
     def stop_all(self) -> None:
         with self.lock:

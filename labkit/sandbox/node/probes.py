@@ -15,12 +15,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import http.client
-import json
 import os
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -128,7 +126,7 @@ def run_in(pid: int | None, argv: list[str], env: dict[str, str], cwd: str, time
     spec = {"mode": "join", "pid": pid, "argv": argv, "env": env, "cwd": cwd}
     if pid is None:
         spec["mode"] = "plain"
-    command = [sys.executable, "-I", "-S", launch.__file__, json.dumps(spec)]
+    command = launch.command(spec)
     try:
         done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
