@@ -113,7 +113,9 @@ def running_in(folder: Path) -> list[int]:
     """Live processes of the containers recorded (``*.pid``) inside ``folder``, with everything they
     started in their sessions, and any process whose working directory is inside ``folder``."""
     leaders = set()
-    for entry in folder.rglob("*.pid") if folder.is_dir() else []:
+    # os.walk, not rglob: pods' folders come and go while this looks, and walk skips what vanished.
+    records = [Path(top) / name for top, _, names in os.walk(folder) for name in names if name.endswith(".pid")]
+    for entry in records:
         try:
             pid, started = entry.read_text().split()
         except (OSError, ValueError):
