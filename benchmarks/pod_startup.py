@@ -19,11 +19,12 @@ sandbox: each control-plane component, the supervisor, the node agent, and the
 pods' own processes.
 
 The app is ``labkit/web:1.0`` (the course's training web app) if the image
-catalog has it, else ``python:3.12`` sleeping; the output says which. Without
-per-pod network namespaces every replica of a listening app would share the
-host's port, so there is no readiness probe unless ``--probe`` is given: then
-each pod is Ready when the probe passes (an HTTP GET of /readyz for the web app,
-an exec of ``true`` for the fallback), probed every second.
+catalog has it, else ``python:3.12`` sleeping; the output says which. By default
+the pods have no readiness probe, so Ready means every container has started:
+the measure of Kubernetes' own pod start-up SLI. ``--probe`` adds a readiness
+probe (an HTTP GET of /readyz for the web app, an exec of ``true`` for the
+fallback, every second), so Ready then also waits for the app and the probe's
+period.
 
     python benchmarks/pod_startup.py [--runs 5] [--replicas 20] [--probe]
 """

@@ -89,11 +89,13 @@ def module_cluster(name: str, nodes: int):  # noqa: ANN201 - a pytest fixture
     """A sandbox with ``nodes`` nodes, started once for a test module (as its ``cluster`` fixture)."""
 
     @pytest.fixture(scope="module")
-    def cluster(tools: binaries.Toolset) -> Sandbox:
+    def cluster(tools: binaries.Toolset, request: pytest.FixtureRequest) -> Sandbox:
+        failed_before = request.session.testsfailed
         sb = Sandbox(name)
         sb.up(say=_quiet, nodes=nodes)
         yield sb
-        sb.down(purge=True, say=_quiet)
+        # After a failure the state (components' logs, pods' folders) is kept for a look.
+        sb.down(purge=request.session.testsfailed == failed_before, say=_quiet)
 
     return cluster
 

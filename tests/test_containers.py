@@ -143,6 +143,33 @@ spec:
                what="the edited ConfigMap in the mounted file")  # fmt: skip
 
 
+def test_containers_of_a_pod_share_localhost_and_hostname(cluster: Sandbox, ns: str) -> None:
+    apply(cluster, ns, """
+apiVersion: v1
+kind: Pod
+metadata: {name: pair}
+spec:
+  containers:
+  - {name: web, image: "labkit/web:1.0"}
+  - name: client
+    image: python:3.12
+    command: [python3, -c]
+    args:
+    - |
+      import socket, time, urllib.request
+      for _ in range(100):
+          try:
+              print("got", urllib.request.urlopen("http://localhost:8080/version").read().decode().strip(), flush=True)
+              break
+          except OSError:
+              time.sleep(0.1)
+      print("host", socket.gethostname(), flush=True)
+      time.sleep(3600)
+""")
+    eventually(lambda: "host pair" in output(cluster, ns, "pair", "client"), what="the client's output")
+    assert "got 1.0" in output(cluster, ns, "pair", "client")
+
+
 def test_a_missing_configmap_holds_the_container_until_it_exists(cluster: Sandbox, ns: str) -> None:
     kubectl(cluster, "-n", ns, "run", "needs", "--image=busybox", "--overrides", json.dumps({"spec": {"containers": [{
         "name": "needs", "image": "busybox", "command": ["sh", "-c", "echo got=$KEY; sleep 3600"],

@@ -51,8 +51,9 @@ def _read(folder: Path, restart: int = 0, **options) -> bytes:  # noqa: ANN003
 
 
 def test_lines_are_written_in_the_cri_format(tmp_path: Path) -> None:
-    _capture(tmp_path, 0, "echo out; echo err >&2; printf 'no newline'")
+    _capture(tmp_path, 0, "echo out; sleep 0.2; echo err >&2; sleep 0.2; printf 'no newline'")
     lines = (tmp_path / "0.log").read_bytes().splitlines()
+    # stdout and stderr are separate pipes: lines are ordered as they arrive (hence the pauses)
     assert [line.split(b" ", 1)[1] for line in lines] == [b"stdout F out", b"stderr F err", b"stdout F no newline"]
     assert all(STAMP.match(line) for line in lines)
     assert _read(tmp_path) == b"out\nerr\nno newline\n"  # an unfinished last line is shown as a line

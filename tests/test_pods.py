@@ -38,6 +38,34 @@ def test_deployment_runs_as_processes_and_scales(cluster: Sandbox, ns: str) -> N
     eventually(lambda: len(kubectl_json(cluster, "-n", ns, "get", "pods")["items"]) == 1, what="scale down to 1")
 
 
+def test_a_catalog_app_becomes_ready_behind_its_probe_and_scales(cluster: Sandbox, ns: str) -> None:
+    # Three replicas of the course's web app, all on port 8080: each pod has its own network namespace.
+    manifest = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: web
+        image: labkit/web:2.0
+        ports: [{containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /readyz, port: 8080}, periodSeconds: 1}
+"""
+    kubectl(cluster, "-n", ns, "apply", "-f", "-", input=manifest)
+    kubectl(cluster, "-n", ns, "rollout", "status", "deployment/web", "--timeout=90s")
+    pods = kubectl_json(cluster, "-n", ns, "get", "pods")["items"]
+    assert len(pods) == 3 and all(_container(p)["ready"] and _container(p)["restartCount"] == 0 for p in pods)
+    assert {_container(p)["imageID"] for p in pods} == {"labkit.local/labkit/web@2.0"}
+    kubectl(cluster, "-n", ns, "scale", "deployment/web", "--replicas=1")
+    eventually(lambda: len(kubectl_json(cluster, "-n", ns, "get", "pods")["items"]) == 1, what="scale down to 1")
+    kubectl(cluster, "-n", ns, "rollout", "status", "deployment/web", "--timeout=60s")
+
+
 def test_a_finished_pod_is_completed(cluster: Sandbox, ns: str) -> None:
     kubectl(cluster, "-n", ns, "run", "once", "--image=busybox", "--restart=Never", "--",
             "sh", "-c", "echo hello; exit 0")  # fmt: skip
@@ -49,9 +77,18 @@ def test_a_finished_pod_is_completed(cluster: Sandbox, ns: str) -> None:
 
 def test_a_crashing_container_backs_off(cluster: Sandbox, ns: str) -> None:
     kubectl(cluster, "-n", ns, "run", "crash", "--image=alpine", "--", "sh", "-c", "echo boom; exit 3")
-    pod = eventually(lambda: (p := _pod(cluster, ns, "crash")) and _container(p).get("restartCount", 0) >= 2
-                     and _container(p)["state"].get("waiting", {}).get("reason") == "CrashLoopBackOff" and p,
-                     timeout=60, what="CrashLoopBackOff after two restarts")  # fmt: skip
+    messages = set()
+
+    def waiting() -> dict:
+        p = _pod(cluster, ns, "crash")
+        messages.add(_container(p).get("state", {}).get("waiting", {}).get("message", "").split(" restarting")[0])
+        return p
+
+    # The kubelet's back-off: the first restart at once, then 10 s, then 20 s ...
+    pod = eventually(lambda: (p := waiting()) and _container(p).get("restartCount", 0) >= 2
+                     and _container(p)["state"].get("waiting", {}).get("reason") == "CrashLoopBackOff"
+                     and "back-off 20s" in messages and p, timeout=60, what="a back-off of 20 s")  # fmt: skip
+    assert "back-off 10s" in messages and "back-off 0s" not in messages
     last = _container(pod)["lastState"]["terminated"]
     assert last["exitCode"] == 3 and last["reason"] == "Error"
     assert pod["status"]["phase"] == "Running"

@@ -448,6 +448,9 @@ class PodWorker(threading.Thread):
         c.last_state = {"terminated": terminated}
         c.restarting = True
         delay = self._back_off(c, BACKOFF_MAX)
+        if not delay:  # the first restart is immediate: no back-off to wait for or report
+            c.state = {"terminated": terminated}
+            return
         message = f"back-off {delay:.0f}s restarting failed container={c.name} pod={self.pod['metadata']['name']}"
         c.state = {"waiting": {"reason": "CrashLoopBackOff", "message": message}}
         self.event("BackOff", "Back-off restarting failed container", kind="Warning", container=c)
