@@ -313,7 +313,7 @@ def main() -> None:
         elif mode == "pause":
             pause(spec)
         elif mode == "join":
-            join(spec["pid"])
+            join(spec["pid"], required=tuple(spec.get("required", ())))
         cwd = spec.get("cwd") or "/"
         if mode == "run":
             ensure_path("", cwd, is_dir=True)  # a missing working directory is created, as runc does

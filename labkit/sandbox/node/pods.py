@@ -303,7 +303,7 @@ class PodWorker(threading.Thread):
         if "exec" in hook:
             outcome = probes.exec_action(hook["exec"], c.env, c.cwd, timeout, pid)
         elif "httpGet" in hook:
-            outcome = probes.http_get(hook["httpGet"], c.spec, "127.0.0.1", timeout, pid)
+            outcome = probes.http_get(hook["httpGet"], c.spec, "127.0.0.1", timeout, self.pause.pid if self.pause else None)
         else:
             return f"unsupported hook {sorted(hook)}"
         return None if outcome.ok else outcome.message
@@ -373,7 +373,8 @@ class PodWorker(threading.Thread):
         self.event("Created", f"Created container: {c.name}", container=c)
         self.event("Started", f"Started container {c.name}", container=c)
         if not c.init and probes.Prober.wanted(c.spec):
-            c.prober = probes.Prober(c.spec, c.process.pid, self.isolated, env, c.cwd,
+            pause = self.pause.pid if self.pause else None
+            c.prober = probes.Prober(c.spec, c.process.pid if self.isolated else None, pause, env, c.cwd,
                                      lambda reason, message, kind: self.event(reason, message, kind, container=c))
             c.prober.start()
         hook = c.spec.get("lifecycle", {}).get("postStart")
@@ -381,6 +382,8 @@ class PodWorker(threading.Thread):
             threading.Thread(target=self._post_start, args=(c, hook), daemon=True).start()
 
     def _post_start(self, c: Container, hook: dict) -> None:
+        if self.isolated and c.process is not None:
+            probes.wait_entered(c.process.pid, threading.Event())
         failure = self._hook(c, hook, 30.0)
         if failure and c.process is not None:
             self.event("FailedPostStartHook", f"PostStartHook failed: {failure}", kind="Warning", container=c)

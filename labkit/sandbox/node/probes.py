@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from labkit.sandbox import procs
 from labkit.sandbox.node import launch
 
 CLONE_NEWNET = 0x40000000
@@ -123,7 +124,8 @@ def tcp_socket(spec: dict, container: dict, host: str, timeout: float, netns: in
 def run_in(pid: int | None, argv: list[str], env: dict[str, str], cwd: str, timeout: float) -> tuple[int, str]:
     """Run ``argv`` inside the container of process ``pid`` (its namespaces, environment and working
     directory); (exit code, output). A timeout is exit code -1."""
-    spec = {"mode": "join", "pid": pid, "argv": argv, "env": env, "cwd": cwd}
+    # A container that is still being set up has not left the agent's namespaces: never run there.
+    spec = {"mode": "join", "pid": pid, "argv": argv, "env": env, "cwd": cwd, "required": ["mnt", "net"]}
     if pid is None:
         spec["mode"] = "plain"
     command = launch.command(spec)
@@ -147,6 +149,19 @@ def exec_action(spec: dict, env: dict[str, str], cwd: str, timeout: float, pid: 
     return Outcome(True)
 
 
+def wait_entered(pid: int, stopped: threading.Event, timeout: float = 10.0) -> bool:
+    """Wait until container process ``pid`` has left the agent's namespaces for its own (its launcher
+    has set it up): what a runtime reports as the container having started."""
+    own = procs.namespace(os.getpid(), "mnt")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stopped.is_set():
+        current = procs.namespace(pid, "mnt")
+        if current is None or current != own:
+            return current is not None
+        time.sleep(0.01)
+    return False
+
+
 KINDS = (("startupProbe", "Startup"), ("livenessProbe", "Liveness"), ("readinessProbe", "Readiness"))
 
 
@@ -168,13 +183,14 @@ class _Schedule:
 class Prober(threading.Thread):
     """Probes one running container; the pod worker reads ``ready``/``started`` and ``restart_reason``."""
 
-    def __init__(self, container: dict, pid: int | None, isolated: bool, env: dict[str, str], cwd: str,
+    def __init__(self, container: dict, pid: int | None, pod_pid: int | None, env: dict[str, str], cwd: str,
                  event: Callable[[str, str, str], None]) -> None:  # fmt: skip
+        """``pid``: the container's process, for exec probes (None: containers have no namespaces here);
+        ``pod_pid``: the pod's pause process, whose network namespace the network probes use."""
         super().__init__(name=f"probe-{container['name']}-{pid}", daemon=True)
         self.container = container
-        self.pid = pid
-        self.netns = pid if isolated else None
-        self.join_pid = pid if isolated else None
+        self.netns = pod_pid
+        self.join_pid = pid
         self.env = env
         self.cwd = cwd
         self.event = event  # (reason, message, type)
@@ -202,6 +218,8 @@ class Prober(threading.Thread):
         return Outcome(False, "the sandbox supports httpGet, tcpSocket and exec probes")
 
     def run(self) -> None:
+        if self.join_pid is not None:
+            wait_entered(self.join_pid, self.stopped)
         begun = time.monotonic()
         for schedule in self.schedules.values():
             schedule.next_at = begun + schedule.initial
