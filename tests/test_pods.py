@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 from conftest import eventually, kubectl, kubectl_json, module_cluster, run_labkit
 
 from labkit.sandbox import procs
@@ -128,6 +131,20 @@ def test_stopped_node_kills_its_pods(cluster: Sandbox, ns: str) -> None:
         run_labkit("sandbox", "node", "start", "node-1", "--name", cluster.name)
     eventually(lambda: _pod(cluster, ns, "pinned")["status"].get("phase") == "Running" and procs.running_in(folder),
                timeout=30, what="the pod to run again on the returned node")  # fmt: skip
+
+
+def test_a_killed_agent_leaves_no_container_behind_and_runs_its_pods_again(cluster: Sandbox, ns: str) -> None:
+    kubectl(cluster, "-n", ns, "run", "survivor", "--image=busybox", "--", "sleep", "3600")
+    eventually(lambda: _pod(cluster, ns, "survivor")["status"].get("phase") == "Running", what="Running")
+    folder = next((cluster.state.root / "pods").glob(f"*/{ns}_survivor_*"))
+    before = set(procs.running_in(folder))
+    assert before
+    agent = cluster.state.status()["components"]["node-agent"]
+    os.kill(agent["pid"], signal.SIGKILL)
+    # The containers die with the agent; the restarted agent runs the pod again in fresh processes.
+    eventually(lambda: (now := set(procs.running_in(folder))) and not now & before, timeout=60,
+               what="the pod's processes to be replaced")  # fmt: skip
+    eventually(lambda: _container(_pod(cluster, ns, "survivor")).get("state", {}).get("running"), what="Running")
 
 
 def test_what_the_agent_cannot_honour_is_said_in_an_event(cluster: Sandbox, ns: str) -> None:

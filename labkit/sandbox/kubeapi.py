@@ -162,5 +162,8 @@ class EventSink(threading.Thread):
             event = self.queue.get()
             try:
                 self.api.request("POST", f"/api/v1/namespaces/{event['metadata']['namespace']}/events", event)
-            except (APIError, OSError) as exc:
+            except APIError as exc:
+                if exc.status not in (403, 404):  # the pod's namespace is being deleted (403) or gone (404)
+                    self.log(f"event {event['reason']} for {event['involvedObject']['name']}: {exc}")
+            except OSError as exc:
                 self.log(f"event {event['reason']} for {event['involvedObject']['name']}: {exc}")

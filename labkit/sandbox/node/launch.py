@@ -221,6 +221,8 @@ def build_root(spec: dict) -> None:
         bind("/" + name, root + "/" + name, readonly=readonly)
     os.mkdir(root + "/tmp", 0o1777)
     bind(spec["tmp"], root + "/tmp", readonly=False)
+    for kept in spec.get("keep", []):  # this Python and labkit, when they live under the private /tmp
+        bind(kept, ensure_path(root, kept, is_dir=True), readonly=True)
     for hidden in spec.get("hide", []):
         if os.path.isdir(root + hidden):
             mount("tmpfs", root + hidden, "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "size=4k,mode=755")

@@ -24,6 +24,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import labkit
+from labkit import paths
 from labkit.sandbox import procs
 from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, EventSink, KubeAPI, api_time, kubelet_event
 from labkit.sandbox.node import envvars, images, launch, namespaces, probes, quantity, usage
@@ -339,7 +341,8 @@ class PodWorker(threading.Thread):
             c.cwd = c.spec.get("workingDir") or "/"
             spec = {"mode": "run", "pod_pid": self.pause.pid, "hostname": self._hostname(), "rootfs": str(folder / "rootfs"),
                     "layers": str(folder / "layers"), "tmp": str(folder / "tmp"),
-                    "hide": [str(self.workdir.parents[3])], "mounts": mounts, "cwd": c.cwd, "env": env,
+                    "hide": [str(self.workdir.parents[3])], "keep": _kept_under_tmp(), "mounts": mounts,
+                    "cwd": c.cwd, "env": env,
                     "argv": argv, "error_file": str(folder / "start-error")}  # fmt: skip
             command = launch.command(spec, str(folder / "launch.spec"))
             cwd = folder
@@ -604,6 +607,14 @@ def _signal_group(process: subprocess.Popen | None, sig: int) -> None:
         os.killpg(process.pid, sig)
     except ProcessLookupError:
         pass
+
+
+@functools.cache
+def _kept_under_tmp() -> list[str]:
+    """Folders a container must see where this machine has them though they live under /tmp, which a
+    container has a private one of: this Python, labkit itself (the course's apps) and its binaries."""
+    folders = {sys.prefix, sys.base_prefix, str(Path(labkit.__file__).resolve().parents[1]), str(paths.cache_root())}
+    return sorted(f for f in folders if f.startswith("/tmp/"))
 
 
 @functools.cache
