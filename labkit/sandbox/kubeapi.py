@@ -148,10 +148,9 @@ class EventSink(threading.Thread):
         self.api = api
         self.log = log
         self.queue: queue.Queue[dict] = queue.Queue(maxsize=1000)
+        self.start()
 
     def post(self, event: dict) -> None:
-        if not self.is_alive():
-            self.start()
         try:
             self.queue.put_nowait(event)
         except queue.Full:
