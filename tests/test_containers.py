@@ -315,7 +315,7 @@ spec:
     eventually(lambda: seen.add(kubectl(cluster, "-n", ns, "get", "pod", "staged", "--no-headers").stdout.split()[2])
                or "Running" in seen, what="Running")  # fmt: skip
     assert "Init:1/2" in seen or "Init:0/2" in seen or "PodInitializing" in seen
-    assert output(cluster, ns, "staged", "app").split() == ["one", "two"]
+    eventually(lambda: output(cluster, ns, "staged", "app").split() == ["one", "two"], what="the app's output")
     p = pod(cluster, ns, "staged")
     assert [s["state"]["terminated"]["reason"] for s in p["status"]["initContainerStatuses"]] == ["Completed"] * 2
     assert condition(p, "Initialized") == "True"
@@ -334,7 +334,7 @@ spec:
     eventually(lambda: pod(cluster, ns, "blocked")["status"].get("phase") == "Failed", what="phase Failed")
     listed = kubectl(cluster, "-n", ns, "get", "pod", "blocked", "--no-headers").stdout.split()
     assert listed[2] == "Init:Error"
-    assert output(cluster, ns, "blocked", "check").strip() == "no database"
+    eventually(lambda: output(cluster, ns, "blocked", "check").strip() == "no database", what="the init's output")
 
 
 def test_an_unsupported_volume_fails_to_mount_and_waits(cluster: Sandbox, ns: str) -> None:

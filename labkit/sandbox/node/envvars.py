@@ -91,7 +91,7 @@ def expand(text: str, env: dict[str, str]) -> str:
     return _REFERENCE.sub(replace, text)
 
 
-def _referenced(lookup: Lookup, kind: str, ref: dict, namespace: str) -> dict | None:
+def _referenced(lookup: Lookup, kind: str, ref: dict) -> dict | None:
     obj = lookup(kind, ref["name"])
     if obj is None and not ref.get("optional"):
         singular = "configmap" if kind == "configmaps" else "secret"
@@ -109,7 +109,7 @@ def container_env(pod: dict, container: dict, lookup: Lookup, allocatable: dict,
         for kind, key in (("configmaps", "configMapRef"), ("secrets", "secretRef")):
             if key not in source:
                 continue
-            obj = _referenced(lookup, kind, source[key], namespace)
+            obj = _referenced(lookup, kind, source[key])
             for name, value in object_data(obj or {}, kind).items():
                 name = source.get("prefix", "") + name
                 if _VALID_NAME.match(name):
@@ -129,7 +129,7 @@ def container_env(pod: dict, container: dict, lookup: Lookup, allocatable: dict,
             if key not in source:
                 raise ConfigError(f"env {name}: unsupported valueFrom {sorted(source)}")
             ref = source[key]
-            obj = _referenced(lookup, kind, ref, namespace)
+            obj = _referenced(lookup, kind, ref)
             if obj is None:
                 continue
             data = object_data(obj, kind)

@@ -20,6 +20,7 @@ images:
   state folder (certificates) is hidden. Then ``pivot_root`` and exec.
 * ``join``: enter a running container's namespaces (``/proc/PID/ns``) and exec a
   command there: exec probes and ``kubectl exec``-like helpers.
+* ``plain``: exec the command as it is (where this machine grants no namespaces).
 * ``check``: say whether this machine lets the agent make namespaces at all.
 
 Errors go to stderr with exit code 127 (the container's log shows them), as a

@@ -58,8 +58,6 @@ class Monitor(threading.Thread):
     def __init__(self) -> None:
         super().__init__(name="usage", daemon=True)
         self.latest: dict[int, Usage] = {}
-        self.taken = 0.0
-        self.changed = threading.Condition()
 
     @classmethod
     def get(cls) -> Monitor:
@@ -74,7 +72,6 @@ class Monitor(threading.Thread):
         while True:
             time.sleep(INTERVAL)
             self.latest = scan()
-            self.taken = time.monotonic()
 
     def of(self, session: int) -> Usage | None:
         return self.latest.get(session)
