@@ -238,14 +238,19 @@ class PodWorker(threading.Thread):
         procs.record(self.pause.pid, folder / "pause.pid")
         # Containers join the pause process's namespaces: wait until it has made them.
         deadline = time.monotonic() + 10
+        own = procs.namespace(os.getpid(), "net")
         while self.pause.poll() is None and time.monotonic() < deadline:
-            if procs.namespace(self.pause.pid, "net") not in (None, procs.namespace(os.getpid(), "net")):
+            if procs.namespace(self.pause.pid, "net") not in (None, own):
                 return True
             time.sleep(0.005)
         self.event("FailedCreatePodSandBox", "Failed to create pod sandbox: the pod's namespaces could not be "
                    f"made (pause process exit code {self.pause.poll()})", kind="Warning")  # fmt: skip
         _signal_group(self.pause, signal.SIGKILL)
         return False
+
+    def _pod_pid(self) -> int | None:
+        """The pause process, whose network namespace is the pod's (None without namespaces)."""
+        return self.pause.pid if self.pause else None
 
     def _hostname(self) -> str:
         return self.pod["spec"].get("hostname") or self.pod["metadata"]["name"]
@@ -305,7 +310,7 @@ class PodWorker(threading.Thread):
         if "exec" in hook:
             outcome = probes.exec_action(hook["exec"], c.env, c.cwd, timeout, pid)
         elif "httpGet" in hook:
-            outcome = probes.http_get(hook["httpGet"], c.spec, "127.0.0.1", timeout, self.pause.pid if self.pause else None)
+            outcome = probes.http_get(hook["httpGet"], c.spec, "127.0.0.1", timeout, self._pod_pid())
         else:
             return f"unsupported hook {sorted(hook)}"
         return None if outcome.ok else outcome.message
@@ -316,8 +321,8 @@ class PodWorker(threading.Thread):
             self._pull_failed(c)
             return
         c.image_id = image.image_id
-        base = {"PATH": _path(getattr(image, "path", ())), "HOSTNAME": self.pod["metadata"]["name"],
-                "HOME": "/root", **dict(getattr(image, "env", ()))}  # fmt: skip
+        base = {"PATH": _path(image.path), "HOSTNAME": self.pod["metadata"]["name"], "HOME": "/root",
+                **dict(image.env)}  # fmt: skip
         try:
             env = envvars.container_env(self.pod, c.spec, self._lookup, self.allocatable, base)
             mounts = self.volumes.mounts(c.spec) if self.isolated else []
@@ -327,10 +332,7 @@ class PodWorker(threading.Thread):
         argv = [envvars.expand(arg, env) for arg in image.argv(c.spec.get("command"), c.spec.get("args"))]
         program = images.executable(argv[0], env["PATH"]) if argv else None
         if program is None:
-            message = f"exec: \"{argv[0] if argv else ''}\": executable file not found in $PATH"
-            c.state = {"waiting": {"reason": "RunContainerError", "message": message}}
-            self.event("Failed", f"Error: {message}", kind="Warning", container=c)
-            self._back_off(c, BACKOFF_MAX)
+            self._run_failed(c, f"exec: \"{argv[0] if argv else ''}\": executable file not found in $PATH")
             return
         argv[0] = program
         folder = self.workdir / "containers" / c.name
@@ -358,9 +360,7 @@ class PodWorker(threading.Thread):
             c.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env,
                                          cwd=cwd, start_new_session=True)  # fmt: skip
         except OSError as exc:
-            c.state = {"waiting": {"reason": "RunContainerError", "message": str(exc)}}
-            self.event("Failed", f"Error: {exc}", kind="Warning", container=c)
-            self._back_off(c, BACKOFF_MAX)
+            self._run_failed(c, str(exc))
             return
         finally:
             os.close(stdout)
@@ -376,8 +376,7 @@ class PodWorker(threading.Thread):
         self.event("Created", f"Created container: {c.name}", container=c)
         self.event("Started", f"Started container {c.name}", container=c)
         if not c.init and probes.Prober.wanted(c.spec):
-            pause = self.pause.pid if self.pause else None
-            c.prober = probes.Prober(c.spec, c.process.pid if self.isolated else None, pause, env, c.cwd,
+            c.prober = probes.Prober(c.spec, c.process.pid if self.isolated else None, self._pod_pid(), env, c.cwd,
                                      lambda reason, message, kind: self.event(reason, message, kind, container=c))
             c.prober.start()
         hook = c.spec.get("lifecycle", {}).get("postStart")
@@ -418,6 +417,11 @@ class PodWorker(threading.Thread):
         self._back_off(c, PULL_BACKOFF_MAX)
         c.next_start = max(c.next_start, time.monotonic() + 1.0)
 
+    def _run_failed(self, c: Container, message: str) -> None:
+        c.state = {"waiting": {"reason": "RunContainerError", "message": message}}
+        self.event("Failed", f"Error: {message}", kind="Warning", container=c)
+        self._back_off(c, BACKOFF_MAX)
+
     def _config_failed(self, c: Container, message: str) -> None:
         if c.state.get("waiting", {}).get("message") != message:
             self.event("Failed", f"Error: {message}", kind="Warning", container=c)
@@ -425,7 +429,7 @@ class PodWorker(threading.Thread):
         c.next_start = time.monotonic() + CONFIG_RETRY
 
     def _exited(self, c: Container, code: int, policy: str) -> None:
-        exit_code = code if code >= 0 else 128 - code  # killed by signal N -> 128 + N
+        exit_code = _exit_code(code)
         terminated = {
             "exitCode": exit_code,
             "reason": "OOMKilled" if c.oom else ("Completed" if exit_code == 0 else "Error"),
@@ -571,7 +575,7 @@ class PodWorker(threading.Thread):
         self._kill_all()
         for c in running:
             code = c.process.returncode if c.process else -9
-            c.state = {"terminated": {"exitCode": code if code >= 0 else 128 - code,
+            c.state = {"terminated": {"exitCode": _exit_code(code),
                                       "reason": "Error" if code else "Completed",
                                       "startedAt": c.started_at, "finishedAt": api_time()}}  # fmt: skip
             c.done = True
@@ -598,6 +602,11 @@ class PodWorker(threading.Thread):
         if self.pause is not None and self.pause.poll() is None:
             _signal_group(self.pause, signal.SIGKILL)
             self.pause.wait()
+
+
+def _exit_code(returncode: int) -> int:
+    """A container's exit code as a runtime reports it: killed by signal N is 128 + N."""
+    return returncode if returncode >= 0 else 128 - returncode
 
 
 def _signal_group(process: subprocess.Popen | None, sig: int) -> None:
