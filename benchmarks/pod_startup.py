@@ -229,7 +229,7 @@ def pod_processes(sandbox: Sandbox) -> list[int]:
         for child in children.get(stack.pop(), []):
             found.add(child)
             stack.append(child)
-    found.update(procs.running_in(sandbox.state.root / "pods"))
+    found.update(procs.running_in(sandbox.state.pods))
     return sorted(pid for pid in found if procs.alive(pid))
 
 

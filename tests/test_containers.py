@@ -384,3 +384,27 @@ spec:
     first = eventually(lambda: sample("container_cpu_usage_seconds_total"), what="CPU use")
     eventually(lambda: (sample("container_cpu_usage_seconds_total") or 0) > first + 0.5, what="CPU use to grow")
     assert (sample("pod_memory_working_set_bytes") or 0) >= memory * 0.9
+
+
+def test_cpu_requests_weigh_containers_as_cpu_shares_do(cluster: Sandbox, ns: str) -> None:
+    # What each container's process sees of its own CPU weight (its nice level): the kubelet's
+    # cpu.shares are 2 without a request and 1024 a CPU, below the node's own daemons.
+    apply(cluster, ns, """
+apiVersion: v1
+kind: Pod
+metadata: {name: weighed}
+spec:
+  containers:
+  - {name: none, image: busybox, command: [sh, -c, "echo nice=$(cut -d' ' -f19 /proc/self/stat); sleep 3600"]}
+  - name: half
+    image: busybox
+    command: [sh, -c, "echo nice=$(cut -d' ' -f19 /proc/self/stat); sleep 3600"]
+    resources: {requests: {cpu: 500m}}
+  - name: whole
+    image: busybox
+    command: [sh, -c, "echo nice=$(cut -d' ' -f19 /proc/self/stat); sleep 3600"]
+    resources: {requests: {cpu: "1"}, limits: {cpu: "2"}}
+""")
+    for container, nice in (("none", 19), ("half", 3), ("whole", 0)):
+        eventually(lambda: f"nice={nice}" in output(cluster, ns, "weighed", container),
+                   what=f"container {container} to run at nice {nice}")  # fmt: skip

@@ -30,7 +30,7 @@ from labkit.sandbox import binaries, procs
 from labkit.sandbox.binaries import Toolset
 from labkit.sandbox.node import namespaces
 from labkit.sandbox.pki import SERVICE_CIDR
-from labkit.sandbox.state import DEFAULT_NAME, SandboxState, port_lock, ports_of_others, remove_tree
+from labkit.sandbox.state import DEFAULT_NAME, SandboxState, port_lock, ports_of_others
 from labkit.sandbox.versions import pins
 
 CLUSTER_CIDR = "10.244.0.0/16"
@@ -117,6 +117,7 @@ class Sandbox:
             self.state.pki.ensure()
             for folder in (self.state.etc, self.state.logs, self.state.run, self.state.etcd_data):
                 folder.mkdir(parents=True, exist_ok=True)
+            self.state.ensure_pods()
             self.state.etcd_data.chmod(0o700)
             with port_lock():
                 config["ports"] = self._choose_ports(config.get("ports", {}), self.port_names(config), say)
@@ -483,7 +484,7 @@ class Sandbox:
                 self._wait_ports_closed(config)
             purged = purge and self.state.exists()
             if purged:
-                remove_tree(self.state.root)
+                self.state.remove()
             if damage is not None and not purge:
                 if running or leftovers:
                     say(f"Sandbox {self.name!r} stopped.")
@@ -536,7 +537,7 @@ class Sandbox:
 
     def _sweep(self) -> int:
         """Kill any process left behind (a supervisor that was SIGKILLed, say): components and pods."""
-        pids = self._own_processes() + procs.running_in(self.state.root / "pods")
+        pids = self._own_processes() + procs.running_in(self.state.pods)
         found = len(pids)
         for pid in pids:
             try:

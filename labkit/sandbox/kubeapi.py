@@ -14,6 +14,7 @@ import json
 import queue
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -46,9 +47,12 @@ class APIError(Exception):
 class KubeAPI:
     """Client-certificate access to one API server.
 
-    Requests reuse one kept-alive connection per thread: the agent's pod workers make
-    many small requests, and a TLS handshake for each would cost more than the request.
+    Requests reuse kept-alive connections from a small pool shared by all threads: the
+    agent's pod workers make a few small requests each, and a TLS handshake for each
+    request (or for each new worker) would cost more than the requests themselves.
     """
+
+    POOL = 8  # idle connections kept
 
     def __init__(self, server: str, ca: Path, cert: Path, key: Path) -> None:
         self.server = server.rstrip("/")
@@ -56,17 +60,25 @@ class KubeAPI:
         self.context.load_cert_chain(str(cert), str(key))
         parsed = urllib.parse.urlsplit(self.server)
         self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 443
-        self.local = threading.local()
+        self._idle: list[http.client.HTTPSConnection] = []
+        self._pool_lock = threading.Lock()
 
     def _connection(self, timeout: float) -> http.client.HTTPSConnection:
-        conn = getattr(self.local, "conn", None)
+        with self._pool_lock:
+            conn = self._idle.pop() if self._idle else None
         if conn is None:
             conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.context)
-            self.local.conn = conn
         conn.timeout = timeout
         if conn.sock is not None:
             conn.sock.settimeout(timeout)
         return conn
+
+    def _release(self, conn: http.client.HTTPSConnection) -> None:
+        with self._pool_lock:
+            if len(self._idle) < self.POOL:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def request(
         self, method: str, path: str, body: dict | None = None, *, content_type: str = "application/json",
@@ -85,13 +97,12 @@ class KubeAPI:
                 break
             except (http.client.HTTPException, ConnectionError, ssl.SSLError) as exc:
                 conn.close()  # a kept-alive connection the server closed: once more on a fresh one
-                self.local.conn = None
                 if attempt == 2:
                     raise OSError(f"{method} {path}: {exc}") from exc
             except OSError:
                 conn.close()
-                self.local.conn = None
                 raise
+        self._release(conn)
         if response.status >= 400:
             raise APIError(response.status, text)
         return json.loads(text) if text else {}
@@ -116,6 +127,36 @@ class KubeAPI:
             if exc.status == 404:
                 return None
             raise
+
+
+class ObjectCache:
+    """Objects read through ``api``, kept for ``ttl`` seconds: the ConfigMaps and Secrets a node's
+    pods refer to, as the kubelet's object managers keep them. Twenty pods of one namespace starting
+    at once read its ``kube-root-ca.crt`` once, not twenty times; a change is seen within ``ttl``."""
+
+    def __init__(self, api: KubeAPI, ttl: float) -> None:
+        self.api = api
+        self.ttl = ttl
+        self._entries: dict[str, tuple[float, dict | None]] = {}
+        self._fetching: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> dict | None:
+        """The object at ``path`` (None if it does not exist), read at most ``ttl`` seconds ago."""
+        with self._lock:
+            fetching = self._fetching.setdefault(path, threading.Lock())
+        with fetching:  # readers of one object wait for one request, not one each
+            now = time.monotonic()
+            entry = self._entries.get(path)
+            if entry is not None and now - entry[0] < self.ttl:
+                return entry[1]
+            value = self.api.get(path)
+            with self._lock:
+                for stale in [p for p, (at, _) in self._entries.items() if now - at >= self.ttl and p != path]:
+                    del self._entries[stale]
+                    self._fetching.pop(stale, None)
+                self._entries[path] = (time.monotonic(), value)
+            return value
 
 
 def kubelet_event(involved: dict, reason: str, message: str, *, kind: str, node: str) -> dict:

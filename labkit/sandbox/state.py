@@ -9,6 +9,8 @@
     etcd/               etcd's data: the cluster state that survives down/up
     logs/               one log per component, and the supervisor's
     run/                the supervisor's lock, component list and status
+    pods/               each node's pods (volumes, container scratch, logs): a link to a
+                        folder in memory where there is one (``paths.runtime_root``)
 
 Anything that does not look like this is refused with a message that names the
 problem and the ``--purge`` way out, rather than guessed at.
@@ -17,6 +19,7 @@ problem and the ``--purge`` way out, rather than guessed at.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from labkit.errors import LabkitError
-from labkit.paths import state_root
+from labkit.paths import runtime_root, state_root
 from labkit.sandbox.pki import PKI
 
 FORMAT = 1
@@ -60,6 +63,7 @@ class SandboxState:
         self.etcd_data = self.root / "etcd"
         self.logs = self.root / "logs"
         self.run = self.root / "run"
+        self.pods = self.root / "pods"
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -108,6 +112,28 @@ class SandboxState:
         if not isinstance(ports, dict) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports.values()):
             return "has no valid port list"
         return None
+
+    def ensure_pods(self) -> None:
+        """Make the pods' folder: a link to a folder of this sandbox's in the runtime root (memory)
+        where there is one, else a folder here. A link whose folder is gone (after a reboot) is renewed."""
+        if self.pods.is_dir():
+            return
+        if self.pods.is_symlink():
+            self.pods.unlink()
+        runtime = runtime_root()
+        if runtime is None:
+            self.pods.mkdir(parents=True)
+            return
+        key = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:12]
+        target = runtime / f"{self.name}-{key}"
+        target.mkdir(parents=True, exist_ok=True)
+        self.pods.symlink_to(target, target_is_directory=True)
+
+    def remove(self) -> None:
+        """Delete the whole state, the pods' folder in the runtime root included."""
+        if self.pods.is_symlink() and self.pods.resolve().is_dir():
+            remove_tree(self.pods.resolve())
+        remove_tree(self.root)
 
     def save(self, config: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -13,11 +13,12 @@ images:
   tmpfs holding, for each of this machine's top-level folders, a copy-on-write
   overlay whose writes land in the container's own layer (a tmpfs that goes
   with the container), or a read-only bind where the kernel refuses an overlay;
-  a private ``/tmp``; and the pod's volumes at their mount paths. A mount path
+  a private ``/tmp`` and ``/dev/shm``; and the pod's volumes at their mount paths. A mount path
   inside a read-only folder is made by shadowing that folder with a tmpfs of
   binds of its entries, and symbolic links on the way are followed inside the
-  new root, so this machine's folders are never written. The sandbox's own
-  state folder (certificates) is hidden. Then ``pivot_root`` and exec.
+  new root, so this machine's folders are never written. The sandboxes' state
+  folders (certificates) and their pods' runtime folders are hidden. Then
+  ``pivot_root`` and exec.
 * ``join``: enter a running container's namespaces (``/proc/PID/ns``) and exec a
   command there: exec probes and ``kubectl exec``-like helpers.
 * ``plain``: exec the command as it is (where this machine grants no namespaces).
@@ -220,6 +221,8 @@ def build_root(spec: dict) -> None:
     for name, readonly in (("proc", False), ("sys", True), ("dev", False)):
         os.mkdir(root + "/" + name)
         bind("/" + name, root + "/" + name, readonly=readonly)
+    if os.path.isdir(root + "/dev/shm"):  # a shared-memory folder of its own, as a runtime gives a container
+        mount("shm", root + "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
     os.mkdir(root + "/tmp", 0o1777)
     bind(spec["tmp"], root + "/tmp", readonly=False)
     for kept in spec.get("keep", []):  # this Python and labkit, when they live under the private /tmp
@@ -248,6 +251,17 @@ def name_and_loopback(spec: dict) -> None:
     hostname = spec.get("hostname", "")[:63].encode()
     _check(_libc.sethostname(hostname, len(hostname)), "sethostname")
     loopback_up()
+
+
+def weigh(nice: int) -> None:
+    """Take the container's CPU weight (a nice level; see the agent's cpuweight.py) for this process
+    and its session's scheduler autogroup, before anything of the container runs. Best effort."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        with open("/proc/self/autogroup", "w") as handle:
+            handle.write(str(nice))
+    except OSError:
+        pass  # no autogroups here, or (unprivileged) the kernel's limit of one change per 100 ms
 
 
 def run(spec: dict) -> None:
@@ -304,6 +318,8 @@ def main() -> None:
     else:
         spec = marshal.loads(bytes.fromhex(argument))
     mode = spec.get("mode", "run")
+    if "nice" in spec:
+        weigh(spec["nice"])
     _libc.prctl(PR_SET_PDEATHSIG, 9)  # the container dies with the agent thread that started it (SIGKILL)
     # Opened now: the new root hides the agent's folders. Closed by exec (Python's fds are close-on-exec).
     errors = os.open(spec["error_file"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if spec.get("error_file") else None

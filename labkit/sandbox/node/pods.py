@@ -27,8 +27,8 @@ from pathlib import Path
 import labkit
 from labkit import paths
 from labkit.sandbox import procs
-from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, EventSink, KubeAPI, api_time, kubelet_event
-from labkit.sandbox.node import envvars, images, launch, namespaces, probes, quantity, usage
+from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, EventSink, KubeAPI, ObjectCache, api_time, kubelet_event
+from labkit.sandbox.node import cpuweight, envvars, images, launch, namespaces, probes, quantity, usage
 from labkit.sandbox.node.logs import ContainerLog
 from labkit.sandbox.node.volumes import MountError, PodVolumes
 
@@ -37,6 +37,7 @@ BACKOFF_MAX = 300.0
 BACKOFF_RESET_AFTER = 600.0  # a container that ran 10 min resets its back-off
 PULL_BACKOFF_MAX = 300.0
 CONFIG_RETRY = 2.0  # a container waiting for a ConfigMap or Secret is tried again this often
+OBJECT_TTL = 1.0  # ConfigMaps and Secrets read for a node's pods are reused this long
 STANDARD_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 UNSUPPORTED_FEATURES = "ephemeralContainers", "resizePolicy"
 
@@ -88,7 +89,7 @@ class PodWorker(threading.Thread):
     """Drives one pod toward its spec and reports its status."""
 
     def __init__(self, pod: dict, api: KubeAPI, node: str, workdir: Path, log, allocatable: dict,  # noqa: ANN001
-                 isolated: bool, events: EventSink) -> None:  # fmt: skip
+                 isolated: bool, events: EventSink, objects: ObjectCache) -> None:  # fmt: skip
         meta = pod["metadata"]
         super().__init__(name=f"pod-{meta['namespace']}-{meta['name']}", daemon=True)
         self.pod = pod
@@ -99,6 +100,7 @@ class PodWorker(threading.Thread):
         self.allocatable = allocatable
         self.isolated = isolated
         self.events = events
+        self.objects = objects
         self.lock = threading.Lock()
         spec = pod["spec"]
         self.init_containers = [Container(c, init=True) for c in spec.get("initContainers", [])]
@@ -110,6 +112,7 @@ class PodWorker(threading.Thread):
         self.mounted = False
         self.mount_error = ""
         self.pause: subprocess.Popen | None = None  # holds the pod's network and UTS namespaces
+        self.pause_ready = False  # its namespaces are made
         self.start_time = api_time()
         self.finished = threading.Event()
         self.last_reported: str | None = None
@@ -132,7 +135,7 @@ class PodWorker(threading.Thread):
 
     def _lookup(self, kind: str, name: str) -> dict | None:
         """A ConfigMap or Secret of the pod's namespace, read with the node's credentials."""
-        return self.api.get(f"/api/v1/namespaces/{self.pod['metadata']['namespace']}/{kind}/{name}")
+        return self.objects.get(f"/api/v1/namespaces/{self.pod['metadata']['namespace']}/{kind}/{name}")
 
     def _token(self, account: str, spec: dict) -> dict:
         namespace = self.pod["metadata"]["namespace"]
@@ -193,6 +196,7 @@ class PodWorker(threading.Thread):
             self.finished.set()
 
     def _sync(self) -> None:
+        self._spawn_pause()  # it makes the pod's namespaces while the volumes are set up
         if not self._mount() or not self._sandbox():
             return
         self.volumes.refresh()
@@ -219,13 +223,15 @@ class PodWorker(threading.Thread):
         self.mounted = True
         return True
 
-    def _sandbox(self) -> bool:
-        """The pod's namespaces, held by its pause process: made once, and again if it dies."""
+    def _spawn_pause(self) -> None:
+        """Start the pod's pause process, which makes and holds its namespaces: once, and again if it dies."""
         if not self.isolated or (self.pause is not None and self.pause.poll() is None):
-            return True
+            return
         if self.pause is not None:
             self.log(f"pause process of {self.name} exited ({self.pause.returncode}); making the pod's namespaces again")
             self._kill_all()
+            self.pause = None
+        self.pause_ready = False
         folder = self.workdir / "containers"
         folder.mkdir(parents=True, exist_ok=True)
         try:
@@ -234,13 +240,20 @@ class PodWorker(threading.Thread):
                                           start_new_session=True)  # fmt: skip
         except OSError as exc:
             self.event("FailedCreatePodSandBox", f"Failed to create pod sandbox: {exc}", kind="Warning")
-            return False
+            return
         procs.record(self.pause.pid, folder / "pause.pid")
-        # Containers join the pause process's namespaces: wait until it has made them.
+
+    def _sandbox(self) -> bool:
+        """Whether the pod's namespaces are ready for its containers (waiting for the pause process to make them)."""
+        if not self.isolated or self.pause_ready:
+            return True
+        if self.pause is None:
+            return False
         deadline = time.monotonic() + 10
         own = procs.namespace(os.getpid(), "net")
         while self.pause.poll() is None and time.monotonic() < deadline:
             if procs.namespace(self.pause.pid, "net") not in (None, own):
+                self.pause_ready = True
                 return True
             time.sleep(0.005)
         self.event("FailedCreatePodSandBox", "Failed to create pod sandbox: the pod's namespaces could not be "
@@ -251,6 +264,12 @@ class PodWorker(threading.Thread):
     def _pod_pid(self) -> int | None:
         """The pause process, whose network namespace is the pod's (None without namespaces)."""
         return self.pause.pid if self.pause else None
+
+    def _hidden(self) -> list[str]:
+        """What a container must not see: every sandbox's state folder (keys, other pods), and the
+        runtime folder that holds the pods' volumes when it lies elsewhere (state/pods is a link)."""
+        sandboxes = self.workdir.parents[3]  # <sandboxes>/<name>/pods/<node>/<pod>
+        return list(dict.fromkeys([str(sandboxes), str(self.workdir.resolve().parents[2])]))
 
     def _hostname(self) -> str:
         return self.pod["spec"].get("hostname") or self.pod["metadata"]["name"]
@@ -339,12 +358,13 @@ class PodWorker(threading.Thread):
         (folder / "tmp").mkdir(parents=True, exist_ok=True)
         (folder / "start-error").unlink(missing_ok=True)
         c.env = env
+        nice = cpuweight.level(c.spec)
         if self.isolated:
             c.cwd = c.spec.get("workingDir") or "/"
             spec = {"mode": "run", "pod_pid": self.pause.pid, "hostname": self._hostname(), "rootfs": str(folder / "rootfs"),
                     "layers": str(folder / "layers"), "tmp": str(folder / "tmp"),
-                    "hide": [str(self.workdir.parents[3])], "keep": _kept_under_tmp(), "mounts": mounts,
-                    "cwd": c.cwd, "env": env,
+                    "hide": self._hidden(), "keep": _kept_under_tmp(), "mounts": mounts,
+                    "cwd": c.cwd, "env": env, "nice": nice,
                     "argv": argv, "error_file": str(folder / "start-error")}  # fmt: skip
             command = launch.command(spec, str(folder / "launch.spec"))
             cwd = folder
@@ -366,6 +386,7 @@ class PodWorker(threading.Thread):
             os.close(stdout)
             os.close(stderr)
         procs.record(c.process.pid, folder / "container.pid")
+        cpuweight.apply(c.process.pid, nice)
         if c.restarting:
             c.restarts += 1
             c.restarting = False
@@ -666,11 +687,14 @@ class PodSource(threading.Thread):
         self.lock = threading.RLock()  # the workers, changed by the watch and by a lost node
         self.paused = threading.Event()  # set while the node is "lost"
         self.events = EventSink(api, log)
+        self.objects = ObjectCache(api, OBJECT_TTL)
+        self.isolated = False
 
     def _selector(self) -> str:
         return urllib.parse.quote(f"spec.nodeName={self.node}")
 
     def run(self) -> None:
+        self.isolated = namespaces.available()  # asked once, before the first pod waits on it
         while not self.stopping.is_set():
             if self.paused.is_set():
                 self.stop_all()
@@ -724,7 +748,7 @@ class PodSource(threading.Thread):
                     return  # finished before this agent started: nothing to run
                 folder = self.root / f"{pod['metadata']['namespace']}_{pod['metadata']['name']}_{uid}"
                 worker = PodWorker(pod, self.api, self.node, folder, self.log, self.allocatable,
-                                   namespaces.available(), self.events)  # fmt: skip
+                                   self.isolated, self.events, self.objects)  # fmt: skip
                 self.workers[uid] = worker
                 worker.start()
             else:
