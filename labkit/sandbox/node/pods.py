@@ -116,6 +116,7 @@ class PodWorker(threading.Thread):
         self.start_time = api_time()
         self.finished = threading.Event()
         self.last_reported: str | None = None
+        self.held: list[dict] | None = None  # Events of the pass under way, sent once its status is
         self.lost = False  # the node is gone: kill, but tell the API nothing
 
     # -- inputs ------------------------------------------------------------------------------
@@ -150,7 +151,23 @@ class PodWorker(threading.Thread):
         if container:
             section = "initContainers" if container.init else "containers"
             involved["fieldPath"] = f"spec.{section}{{{container.name}}}"
-        self.events.post(kubelet_event(involved, reason, message, kind=kind, node=self.node))
+        event = kubelet_event(involved, reason, message, kind=kind, node=self.node)
+        if self.held is not None and threading.current_thread() is self:
+            self.held.append(event)
+        else:
+            self.events.post(event)
+
+    def _pass(self) -> None:
+        """One pass toward the spec, then its status; the Events the pass raised are sent after the status,
+        so that a burst of starting pods reaches Ready before the API server takes their Events."""
+        self.held = []
+        try:
+            self._sync()
+            self._report()
+        finally:
+            held, self.held = self.held, None
+            for event in held:
+                self.events.post(event)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -185,8 +202,7 @@ class PodWorker(threading.Thread):
                 if deleting:
                     self._terminate()
                     return
-                self._sync()
-                self._report()
+                self._pass()
                 time.sleep(0.2)
         except Exception as exc:  # noqa: BLE001 - a bad pod must never take the agent down
             self.log(f"pod worker {self.name} failed: {traceback.format_exc()}")
