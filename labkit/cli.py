@@ -8,6 +8,7 @@ show a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shlex
@@ -192,6 +193,19 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `labkit sandbox status | head`: the reader has had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        # A folder labkit keeps things in belongs to someone else, or is not a folder: the user's to fix.
+        print(f"labkit: cannot use {exc.filename}: {exc.strerror}.\n\nlabkit keeps binaries in "
+              "$LABKIT_CACHE_DIR and sandboxes in $LABKIT_STATE_DIR (see the README's \"Where things live\"); "
+              "point them at folders you own, or fix that path's owner and permissions.", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+            raise
+        print(f"labkit: cannot write {exc.filename or 'a file'}: {exc.strerror}.\n\nPoint $LABKIT_STATE_DIR and "
+              "$LABKIT_CACHE_DIR at a writable disk with room; `labkit sandbox list` shows the sandboxes that "
+              "`labkit sandbox down --purge` would remove.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("labkit: interrupted. A sandbox that was starting goes on starting in the background; "
               "`labkit sandbox status` shows it and `labkit sandbox down` stops it.", file=sys.stderr)

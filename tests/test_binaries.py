@@ -155,3 +155,13 @@ def test_build_modules_match_the_pins() -> None:
         for package in group.packages:
             assert package in gomod
         assert (group.gobuild_dir / "go.sum").stat().st_size > 0
+
+
+def test_a_cache_or_state_path_that_is_not_a_folder_is_one_clear_message(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for variable, args in (("LABKIT_CACHE_DIR", ("sandbox", "install")), ("LABKIT_STATE_DIR", ("sandbox", "up"))):
+        result = run_labkit(*args, env={variable: str(blocker)})
+        assert result.returncode == 1, result.stderr
+        assert f"cannot use {blocker}/" in result.stderr and variable in result.stderr
+        assert "Traceback" not in result.stderr
