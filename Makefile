@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup binaries lab test sandbox-up sandbox-down bench clean
+.PHONY: setup binaries lab test book sandbox-up sandbox-down bench clean
 
 ## setup: virtual environment with labkit (editable) and dev tools, plus the sandbox binaries
 setup: $(VENV)/.installed binaries
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "labkit needs Python 3.10+ ($(PYTHON) not found)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,lab]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,lab,book]'
 	touch $@
 
 ## binaries: the pinned control plane (found, built from pinned Go modules, or downloaded)
@@ -30,6 +30,10 @@ lab: setup
 ## test: the whole suite against real binaries
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## book: build the course book (Jupyter Book 1.x, offline) into book/_build/html; warnings are errors
+book: setup
+	$(BIN)/jupyter-book build book --warningiserror --keep-going
 
 ## bench: print the benchmark tables
 bench: setup
