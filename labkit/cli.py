@@ -1,7 +1,8 @@
 """The ``labkit`` command.
 
 ``labkit sandbox install|up|env|kubeconfig|status|logs|down|list`` manages local
-sandbox clusters. Expected problems print one clear message and exit 1; only bugs
+sandbox clusters; ``labkit course release|collect|autograde|feedback|scores`` runs
+the grading pipeline. Expected problems print one clear message and exit 1; only bugs
 show a traceback.
 """
 
@@ -141,6 +142,50 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _course(args: argparse.Namespace):  # noqa: ANN202 - a labkit.course.Course
+    from labkit.course import Course
+
+    return Course(Path(args.root) if args.root else None,
+                  exchange=Path(args.exchange_root) if getattr(args, "exchange_root", None) else None)  # fmt: skip
+
+
+def _score_table(results: list) -> None:
+    if not results:
+        print("No graded submissions.")
+        return
+    width = max(len("TRAINEE"), *(len(r.student) for r in results))
+    print(f"{'TRAINEE':<{width}}  {'SCORE':>9}  NOT PASSED")
+    for r in results:
+        print(f"{r.student:<{width}}  {f'{r.score:g}/{r.max_score:g}':>9}  {', '.join(r.failed) or '-'}")
+
+
+def cmd_course_release(args: argparse.Namespace) -> int:
+    _course(args).release(args.lab, exchange=args.exchange, say=_say)
+    return 0
+
+
+def cmd_course_collect(args: argparse.Namespace) -> int:
+    _course(args).collect(args.lab, say=_say)
+    return 0
+
+
+def cmd_course_autograde(args: argparse.Namespace) -> int:
+    results = _course(args).autograde(args.lab, [Path(p) for p in args.submissions] or None, cluster=args.cluster,
+                                      say=_say)  # fmt: skip
+    _score_table(results)
+    return 0
+
+
+def cmd_course_feedback(args: argparse.Namespace) -> int:
+    _course(args).feedback(args.lab, exchange=args.exchange, say=_say)
+    return 0
+
+
+def cmd_course_scores(args: argparse.Namespace) -> int:
+    _score_table(_course(args).scores(args.lab))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labkit", description="Courseware for operating distributed systems.")
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
@@ -180,6 +225,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node", help="node name, e.g. node-1")
     p = sub.add_parser("list", help="list sandboxes on this machine")
     p.set_defaults(func=cmd_list)
+
+    course = groups.add_parser("course", help="release labs and grade submissions (nbgrader)",
+                               description="Release labs and grade submissions with nbgrader; the course root is "
+                                           "graders/ and its source notebooks are notebooks/.")  # fmt: skip
+    sub = course.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+
+    def step(name: str, help_text: str, func, exchange: bool = False) -> argparse.ArgumentParser:  # noqa: ANN001
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("lab", help="the lab, e.g. 01-deploy-and-scale (a unique prefix such as 01 will do)")
+        p.add_argument("--root", help="the nbgrader course root (default: $LABKIT_COURSE_ROOT, else graders/)")
+        if exchange:
+            p.add_argument("--exchange", action="store_true", help="also through the JupyterHub exchange")
+        p.add_argument("--exchange-root", help="the exchange folder (default: nbgrader_config.py's)")
+        p.set_defaults(func=func)
+        return p
+
+    step("release", "make the student version of a lab (solutions and hidden tests removed)", cmd_course_release,
+         exchange=True)  # fmt: skip
+    step("collect", "collect submissions from the JupyterHub exchange", cmd_course_collect)
+    p = step("autograde", "grade submissions by running them again against a fresh cluster", cmd_course_autograde)
+    p.add_argument("submissions", nargs="*", help="notebooks, or folders named after trainees (default: all collected)")
+    p.add_argument("--cluster", choices=("sandbox", "kubeconfig"), default="sandbox",
+                   help="a fresh local sandbox named 'grading' (default), or the cluster $KUBECONFIG points at")
+    step("feedback", "write each trainee's graded notebook as HTML feedback", cmd_course_feedback, exchange=True)
+    step("scores", "show the gradebook's scores of a lab", cmd_course_scores)
     return parser
 
 

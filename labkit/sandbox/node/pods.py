@@ -277,7 +277,7 @@ class PodWorker(threading.Thread):
         _signal_group(self.pause, signal.SIGKILL)
         return False
 
-    def _pod_pid(self) -> int | None:
+    def network_pid(self) -> int | None:
         """The pause process, whose network namespace is the pod's (None without namespaces)."""
         return self.pause.pid if self.pause else None
 
@@ -345,7 +345,7 @@ class PodWorker(threading.Thread):
         if "exec" in hook:
             outcome = probes.exec_action(hook["exec"], c.env, c.cwd, timeout, pid)
         elif "httpGet" in hook:
-            outcome = probes.http_get(hook["httpGet"], c.spec, "127.0.0.1", timeout, self._pod_pid())
+            outcome = probes.http_get(hook["httpGet"], c.spec, "127.0.0.1", timeout, self.network_pid())
         else:
             return f"unsupported hook {sorted(hook)}"
         return None if outcome.ok else outcome.message
@@ -413,7 +413,7 @@ class PodWorker(threading.Thread):
         self.event("Created", f"Created container: {c.name}", container=c)
         self.event("Started", f"Started container {c.name}", container=c)
         if not c.init and probes.Prober.wanted(c.spec):
-            c.prober = probes.Prober(c.spec, c.process.pid if self.isolated else None, self._pod_pid(), env, c.cwd,
+            c.prober = probes.Prober(c.spec, c.process.pid if self.isolated else None, self.network_pid(), env, c.cwd,
                                      lambda reason, message, kind: self.event(reason, message, kind, container=c))
             c.prober.start()
         hook = c.spec.get("lifecycle", {}).get("postStart")

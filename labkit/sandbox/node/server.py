@@ -12,7 +12,13 @@ server per node, speaking what the kubelet speaks:
   and ``previous``; its errors carry the kubelet's own wording and status codes
   (404 for an unknown pod or container; 400, which the API server passes on word
   for word, for a container with no logs to show);
-* ``GET /healthz``: ``ok``.
+* ``GET /healthz``: ``ok``;
+* ``GET /labkit/proxy/{namespace}/{pod}/{port}/{path}``: labkit's own, not a
+  kubelet's: an HTTP GET of ``path`` on the pod's ``port``, made from inside the
+  pod's network namespace, so that a notebook can reach a pod's HTTP port
+  before pods have addresses of their own (on a real cluster the API server's
+  ``pods/proxy`` does this). A port nothing listens on is a 502 with the dial
+  error, as the API server's proxy gives it.
 
 Authentication is the client certificate, verified against the cluster CA.
 Authorization is where this differs from a kubelet, which asks the API server
@@ -25,6 +31,7 @@ kubelet's 403.
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
 import select
 import socket
@@ -38,10 +45,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from labkit.sandbox.node import logs, metrics
+from labkit.sandbox.node import logs, metrics, probes
 
 APISERVER_CLIENT = "kube-apiserver-kubelet-client"
 ADMIN_GROUP = "system:masters"
+PROXY_TIMEOUT = 10.0  # a pod's HTTP answer, through labkit's proxy
+PROXY_LIMIT = 8 << 20  # bytes of it passed on
 REQUEST_TIMEOUT = 120.0  # an idle kept-alive connection, or a client that stops reading, is dropped after this
 
 
@@ -72,6 +81,15 @@ class ContainerView:
     last_state: dict
 
 
+def find_pod(workers: Iterable, namespace: str, pod: str):  # noqa: ANN201 - a pod worker
+    """The pod worker of ``namespace/pod`` among a node's; ``Refused`` (the kubelet's 404) if none."""
+    for worker in workers:
+        meta = worker.pod["metadata"]
+        if meta["namespace"] == namespace and meta["name"] == pod:
+            return worker
+    raise Refused(404, f"pod {_q(pod)} does not exist")
+
+
 def find_container(workers: Iterable, namespace: str, pod: str, container: str) -> ContainerView:
     """The container ``container`` of pod ``namespace/pod`` among a node's pod workers.
 
@@ -79,12 +97,7 @@ def find_container(workers: Iterable, namespace: str, pod: str, container: str) 
     ``state`` and ``last_state``), so a change there is a change here only. Raises ``Refused``
     with the kubelet's 404s when the node has no such pod or the pod no such container.
     """
-    for worker in workers:
-        meta = worker.pod["metadata"]
-        if meta["namespace"] == namespace and meta["name"] == pod:
-            break
-    else:
-        raise Refused(404, f"pod {_q(pod)} does not exist")
+    worker = find_pod(workers, namespace, pod)
     for c in [*getattr(worker, "init_containers", []), *worker.containers]:
         if c.name == container:
             return ContainerView(pod, container, worker.workdir / "logs" / container, dict(c.state),
@@ -202,6 +215,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(200, "ok")
             elif url.path.startswith("/containerLogs/"):
                 self._container_logs(url)
+            elif url.path.startswith("/labkit/proxy/"):
+                self._proxy(url)
             elif url.path == "/metrics/resource":
                 self._reply(200, metrics.resource_metrics(self.server.owner.workers()))
             else:
@@ -222,6 +237,33 @@ class _Handler(BaseHTTPRequestHandler):
         chunks = reader(view.folder, restart, tail=options.tail, since=options.since, timestamps=options.timestamps,
                         limit_bytes=options.limit_bytes, **extra)  # fmt: skip
         self._stream(chunks)
+
+    def _proxy(self, url: urllib.parse.SplitResult) -> None:
+        parts = url.path.split("/", 6)  # "", "labkit", "proxy", namespace, pod, port, path
+        if len(parts) < 6 or not parts[5].isdigit():
+            raise Refused(404, "404 page not found\n")
+        namespace, pod, port = parts[3], parts[4], int(parts[5])
+        worker = find_pod(self.server.owner.workers(), namespace, pod)
+        target = "/" + (parts[6] if len(parts) > 6 else "") + (f"?{url.query}" if url.query else "")
+        try:
+            with probes.network_of(worker.network_pid()):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=PROXY_TIMEOUT)
+                conn.connect()
+            try:
+                conn.request("GET", target, headers={"Accept": self.headers.get("Accept", "*/*")})
+                response = conn.getresponse()
+                body = response.read(PROXY_LIMIT)
+            finally:
+                conn.close()
+        except ConnectionRefusedError:
+            raise Refused(502, f"error trying to reach service: dial tcp 127.0.0.1:{port}: connect: connection refused\n")
+        except (OSError, http.client.HTTPException) as exc:
+            raise Refused(502, f"error trying to reach service: {exc}\n")
+        self.send_response(response.status, response.reason)
+        self.send_header("Content-Type", response.getheader("Content-Type", "text/plain"))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def _stream(self, chunks: Iterator[bytes]) -> None:
         self.send_response(200)

@@ -1,0 +1,221 @@
+"""Checks for graded cells: each looks at the cluster (or an answer) and either says what is right or
+raises ``CheckFailed`` saying what is wrong and how to fix it.
+
+The same calls serve a trainee's "check my work" cell and nbgrader's hidden test
+cells: a passing check prints one line starting with ✔, a failing one raises an
+AssertionError (nbgrader's failed test), whose message a trainee can act on:
+what was expected, what the cluster shows, and a hint.
+
+    checks.deployment(lab, "web", replicas=3, image="labkit/web:1.0")
+    checks.answer("placement_component", "kube-scheduler", hint="Which component watches for unbound pods?")
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from labkit import readiness
+from labkit.errors import LabkitError
+from labkit.sandbox.node import quantity
+
+
+class CheckFailed(AssertionError):
+    """A check that did not pass: what is wrong, and a hint to fix it."""
+
+    def __init__(self, problem: str, hint: str | None = None) -> None:
+        self.problem = problem
+        self.hint = hint
+        super().__init__(f"{problem}\nHint: {hint}" if hint else problem)
+
+
+def passed(message: str) -> None:
+    print(f"✔ {message}", flush=True)
+
+
+def _fail(problem: str, hint: str | None = None) -> None:
+    raise CheckFailed(problem, hint)
+
+
+# -- answers ------------------------------------------------------------------------------------
+
+
+def answer(name: str, expected: Any, *, also: tuple = (), hint: str | None = None,
+           normalise: Callable[[Any], Any] | None = None, feedback: str | None = None) -> None:  # fmt: skip
+    """The trainee's variable ``name`` (in the notebook's globals) equals ``expected`` (or one of ``also``).
+
+    Strings compare without case and surrounding spaces unless ``normalise`` says otherwise;
+    ``feedback`` is said when it is right (the why behind the answer)."""
+    scope = inspect.stack()[1].frame.f_globals
+    if name not in scope or scope[name] is Ellipsis:
+        _fail(f"`{name}` has no answer yet.", f"Set `{name} = ...` in the answer cell above this check, and run it.")
+    given = scope[name]
+    norm = normalise or _default_normalise
+    if norm(given) not in [norm(value) for value in (expected, *also)]:
+        _fail(f"`{name}` is {given!r}, which is not right.", hint)
+    passed(f"{name} = {given!r}" + (f": {feedback}" if feedback else ""))
+
+
+def _default_normalise(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+# -- objects ------------------------------------------------------------------------------------
+
+
+def _object(lab: Any, target: str, hint: str) -> dict:
+    try:
+        obj = lab.get(target)
+    except LabkitError as exc:
+        _fail(f"{target} could not be read: {exc}", hint)
+    if obj is None:
+        _fail(f"There is no {target} in the lab's namespace {lab.namespace}.", hint)
+    return obj
+
+
+def _containers(obj: dict) -> list[dict]:
+    spec = obj.get("spec", {})
+    template = spec.get("template", {}).get("spec") if "template" in spec else spec
+    return (template or {}).get("containers", [])
+
+
+def _container(obj: dict, name: str | None, what: str) -> dict:
+    containers = _containers(obj)
+    if not containers:
+        _fail(f"{what} has no containers.")
+    if name is None:
+        return containers[0]
+    found = next((c for c in containers if c["name"] == name), None)
+    if found is None:
+        _fail(f"{what} has no container named {name!r} (it has {', '.join(c['name'] for c in containers)}).",
+              f"Name the container {name!r} in the pod template.")  # fmt: skip
+    return found
+
+
+def deployment(lab: Any, name: str, *, replicas: int | None = None, image: str | None = None,
+               ready: bool = True, container: str | None = None, wait: float = 30) -> None:  # fmt: skip
+    """Deployment ``name`` exists with ``replicas`` desired, its (first, or named) container runs
+    ``image``, and (``ready``) all its replicas are up to date and ready, waiting up to ``wait`` s."""
+    target = f"deployment/{name}"
+    obj = _object(lab, target, f"Apply a Deployment named {name!r} (kind: Deployment, metadata.name: {name}).")
+    want = obj["spec"].get("replicas", 1)
+    if replicas is not None and want != replicas:
+        _fail(f"Deployment {name} asks for {want} replicas; the task asks for {replicas}.",
+              f"`lab.kubectl('scale deployment {name} --replicas={replicas}')`, or set spec.replicas and apply again.")  # fmt: skip
+    if image is not None:
+        actual = _container(obj, container, f"Deployment {name}").get("image", "")
+        if actual != image:
+            _fail(f"Deployment {name} runs image {actual!r}; the task asks for {image!r}.",
+                  f"`lab.kubectl('set image deployment/{name} CONTAINER={image}')` changes only the image.")  # fmt: skip
+    if ready:
+        try:
+            lab.wait_ready(target, timeout=wait)
+        except LabkitError as exc:
+            _fail(f"Deployment {name} is not fully rolled out and ready: {exc.message}", exc.hint)
+    passed(f"deployment {name}: {want} replicas" + (f", image {image}" if image else "") + (", all ready" if ready else ""))
+
+
+def configmap(lab: Any, name: str, *, keys: tuple[str, ...] | list[str] = (), values: dict[str, str] | None = None) -> None:
+    """ConfigMap ``name`` exists and holds ``keys`` (and those of ``values``, with those values)."""
+    obj = _object(lab, f"configmap/{name}", f"Apply a ConfigMap named {name!r}.")
+    data = obj.get("data") or {}
+    for key in [*keys, *(values or {})]:
+        if key not in data:
+            _fail(f"ConfigMap {name} has no key {key!r} (it has {', '.join(sorted(data)) or 'no keys'}).",
+                  f"Add `{key}: ...` under the ConfigMap's data.")  # fmt: skip
+    for key, value in (values or {}).items():
+        if data[key] != value:
+            _fail(f"ConfigMap {name}'s {key} is {data[key]!r}, not {value!r}.")
+    passed(f"configmap {name} holds {', '.join([*keys, *(values or {})]) or 'data'}")
+
+
+def uses_configmap(lab: Any, name: str, configmap_name: str, *, container: str | None = None) -> None:
+    """Deployment ``name``'s container takes configuration from ConfigMap ``configmap_name``: env
+    (``valueFrom.configMapKeyRef``), ``envFrom`` or a configMap volume it mounts."""
+    obj = _object(lab, f"deployment/{name}", f"Apply a Deployment named {name!r}.")
+    c = _container(obj, container, f"Deployment {name}")
+    refs = {e.get("valueFrom", {}).get("configMapKeyRef", {}).get("name") for e in c.get("env", [])}
+    refs |= {e.get("configMapRef", {}).get("name") for e in c.get("envFrom", [])}
+    volumes = {v["name"] for v in obj["spec"]["template"]["spec"].get("volumes", [])
+               if v.get("configMap", {}).get("name") == configmap_name}  # fmt: skip
+    mounted = volumes & {m["name"] for m in c.get("volumeMounts", [])}
+    if configmap_name not in refs and not mounted:
+        _fail(f"Deployment {name}'s container does not use ConfigMap {configmap_name}.",
+              "Give the container an env entry with valueFrom.configMapKeyRef (name: "
+              f"{configmap_name}), an envFrom with configMapRef, or mount it as a volume.")  # fmt: skip
+    passed(f"deployment {name} takes its configuration from configmap {configmap_name}")
+
+
+def readiness_probe(lab: Any, name: str, *, path: str | None = None, port: int | None = None,
+                    container: str | None = None) -> None:  # fmt: skip
+    """Deployment ``name``'s container has an HTTP readiness probe (on ``path`` and ``port`` if given)."""
+    obj = _object(lab, f"deployment/{name}", f"Apply a Deployment named {name!r}.")
+    probe = _container(obj, container, f"Deployment {name}").get("readinessProbe")
+    if not probe:
+        _fail(f"Deployment {name}'s container has no readiness probe.",
+              "Add readinessProbe: {httpGet: {path: /readyz, port: 8080}} to the container.")  # fmt: skip
+    get = probe.get("httpGet")
+    if path is not None or port is not None:
+        if not get:
+            _fail(f"Deployment {name}'s readiness probe is not an HTTP GET.", "Use readinessProbe.httpGet.")
+        if path is not None and get.get("path") != path:
+            _fail(f"The readiness probe asks for {get.get('path')!r}; the app answers readiness on {path!r}.")
+        if port is not None and get.get("port") not in (port, str(port)):
+            named = [p["name"] for p in _container(obj, container, name).get("ports", [])
+                     if p.get("containerPort") == port and p.get("name")]  # fmt: skip
+            if get.get("port") not in named:
+                _fail(f"The readiness probe uses port {get.get('port')!r}; the app listens on {port}.")
+    passed(f"deployment {name} has a readiness probe" + (f" on {path}" if path else ""))
+
+
+def requests(lab: Any, name: str, *, cpu: str | None = None, memory: str | None = None,
+             container: str | None = None) -> None:  # fmt: skip
+    """Deployment ``name``'s container requests ``cpu`` and ``memory`` (any amount where None)."""
+    obj = _object(lab, f"deployment/{name}", f"Apply a Deployment named {name!r}.")
+    asked = _container(obj, container, f"Deployment {name}").get("resources", {}).get("requests", {})
+    for resource, want in (("cpu", cpu), ("memory", memory)):
+        if resource not in asked:
+            _fail(f"Deployment {name}'s container requests no {resource}.",
+                  f"Add resources.requests.{resource} to the container (for example {want or ('100m' if resource == 'cpu' else '64Mi')}).")  # fmt: skip
+        if want is not None and quantity.parse(str(asked[resource])) != quantity.parse(want):
+            _fail(f"Deployment {name}'s container requests {asked[resource]} of {resource}; the task asks for {want}.")
+    passed(f"deployment {name} requests " + ", ".join(f"{k} {v}" for k, v in asked.items()))
+
+
+def rollout_strategy(lab: Any, name: str, *, max_surge: int | str, max_unavailable: int | str) -> None:
+    """Deployment ``name`` rolls out with these maxSurge and maxUnavailable."""
+    obj = _object(lab, f"deployment/{name}", f"Apply a Deployment named {name!r}.")
+    strategy = obj["spec"].get("strategy", {})
+    rolling = strategy.get("rollingUpdate", {})
+    if strategy.get("type", "RollingUpdate") != "RollingUpdate":
+        _fail(f"Deployment {name} uses the {strategy.get('type')} strategy, not RollingUpdate.")
+    for key, want in (("maxSurge", max_surge), ("maxUnavailable", max_unavailable)):
+        if str(rolling.get(key)) != str(want):
+            _fail(f"Deployment {name}'s {key} is {rolling.get(key)!r}; the task asks for {want!r}.",
+                  f"Set spec.strategy.rollingUpdate.{key}: {want} and apply again.")  # fmt: skip
+    passed(f"deployment {name} rolls out with maxSurge {max_surge} and maxUnavailable {max_unavailable}")
+
+
+def condition(lab: Any, target: str, kind: str, *, status: str | None = None, reason: str | None = None) -> None:
+    """``target`` has the condition ``kind`` (with this status and reason, where given)."""
+    obj = _object(lab, target, f"Apply {target} first.")
+    found = readiness.condition(obj, kind)
+    if not found:
+        _fail(f"{target} has no {kind} condition yet.")
+    if status is not None and found.get("status") != status:
+        _fail(f"{target}'s {kind} condition is {found.get('status')}, not {status} ({found.get('message', '')}).")
+    if reason is not None and found.get("reason") != reason:
+        _fail(f"{target}'s {kind} condition has reason {found.get('reason')}, not {reason}.")
+    passed(f"{target}: {kind}={found.get('status')} ({found.get('reason', '')})")
+
+
+def same_object(lab: Any, target: str, uid: str | None) -> None:
+    """``target`` is still the object whose uid was ``uid``: it was changed in place, not recreated."""
+    obj = _object(lab, target, f"Apply {target} first.")
+    if uid is None:
+        _fail(f"No uid of {target} was recorded.", "Run the cell that records it (after the first task) again.")
+    if obj["metadata"]["uid"] != uid:
+        _fail(f"{target} is a new object: it was deleted and created again, so its history and its running "
+              "pods were thrown away.", "Change only what must change, in place: `kubectl set image`, "
+              "`kubectl patch`, or apply the changed manifest.")  # fmt: skip
+    passed(f"{target} was updated in place (same object)")

@@ -1,0 +1,286 @@
+"""The grading pipeline: nbgrader, made to work from a fresh checkout, against a fresh cluster.
+
+The course root is ``graders/`` (``nbgrader_config.py``, the gradebook and
+nbgrader's step folders); its source notebooks are the repository's
+``notebooks/``. Each command is one of nbgrader's, run through its Python API:
+
+* ``release``: ``generate_assignment`` (the student version: solutions replaced by
+  stubs, hidden tests removed), and with an exchange ``release_assignment``;
+* ``collect``: nbgrader's ``collect`` from the exchange;
+* ``autograde``: places the given submissions where nbgrader looks for them, starts
+  a fresh grading sandbox (or uses ``$KUBECONFIG``), and re-executes every
+  submission with ``autograde``, one trainee at a time, showing progress; each run
+  of a lab makes its own namespace, so submissions never see each other's state;
+* ``feedback``: ``generate_feedback``, and with an exchange ``release_feedback``;
+* ``scores``: the gradebook's scores, per task.
+
+nbgrader calls ``alembic`` by name, so this Python's ``bin`` goes first on PATH.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from labkit.errors import LabkitError
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+GRADING_SANDBOX = "grading"
+STUDENT_ID = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def default_root() -> Path:
+    """``$LABKIT_COURSE_ROOT``, else the repository's ``graders/``."""
+    return Path(os.environ.get("LABKIT_COURSE_ROOT") or REPOSITORY / "graders")
+
+
+@dataclass
+class TaskScore:
+    name: str
+    score: float
+    max_score: float
+
+
+@dataclass
+class Result:
+    student: str
+    score: float
+    max_score: float
+    tasks: list[TaskScore]
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def failed(self) -> list[str]:
+        return [t.name for t in self.tasks if t.score < t.max_score]
+
+
+class Course:
+    """One nbgrader course root."""
+
+    def __init__(self, root: Path | None = None, source: Path | None = None, exchange: Path | None = None) -> None:
+        self.root = (root or default_root()).resolve()
+        config_file = self.root / "nbgrader_config.py"
+        if not config_file.exists():
+            raise LabkitError(f"{self.root} is not a course root: it has no nbgrader_config.py.",
+                              hint="Use the repository's graders/ folder, or pass --root to one that has it.")  # fmt: skip
+        self.source = (source or REPOSITORY / "notebooks").resolve()
+        self.exchange = exchange
+        _nbgrader_on_path()
+        self._api: Any = None
+
+    # -- nbgrader ----------------------------------------------------------------------------
+
+    @property
+    def api(self) -> Any:
+        if self._api is None:
+            from sqlalchemy.exc import SAWarning
+
+            # nbgrader's gradebook code trips SQLAlchemy's autoflush warnings; they say nothing to an instructor.
+            warnings.filterwarnings("ignore", category=SAWarning)
+            from nbgrader.apps import NbGraderAPI
+            from nbgrader.coursedir import CourseDirectory
+            from traitlets.config import Config
+            from traitlets.config.loader import PyFileConfigLoader
+
+            config = Config()
+            config.merge(PyFileConfigLoader("nbgrader_config.py", path=str(self.root)).load_config())
+            config.CourseDirectory.root = str(self.root)
+            config.CourseDirectory.source_directory = str(self.source)
+            if self.exchange is not None:
+                config.Exchange.root = str(self.exchange)
+            with _in(self.root):
+                self._api = NbGraderAPI(coursedir=CourseDirectory(config=config), config=config)
+        return self._api
+
+    def labs(self) -> list[str]:
+        return sorted(p.name for p in self.source.iterdir() if p.is_dir() and any(p.glob("*.ipynb")))
+
+    def _lab(self, lab: str) -> str:
+        labs = self.labs()
+        matches = [name for name in labs if name == lab] or [name for name in labs if name.startswith(lab)]
+        if len(matches) != 1:
+            raise LabkitError(f"There is no lab {lab!r}." if not matches else f"{lab!r} could be {', '.join(matches)}.",
+                              hint=f"The labs are: {', '.join(labs)}.")  # fmt: skip
+        return matches[0]
+
+    def notebooks(self, lab: str) -> list[str]:
+        return sorted(p.name for p in (self.source / lab).glob("*.ipynb"))
+
+    def _run(self, what: str, call: Callable[[], dict]) -> dict:
+        with _in(self.root):
+            result = call()
+        if not result.get("success"):
+            detail = (result.get("error") or result.get("log") or "").strip()
+            raise LabkitError(f"nbgrader could not {what}.\n{detail[-3000:]}")
+        return result
+
+    # -- the commands --------------------------------------------------------------------------
+
+    def release(self, lab: str, *, exchange: bool = False, say: Callable[[str], None] = print) -> Path:
+        """The student version of ``lab`` in ``release/LAB``; also to the exchange if asked. Its folder."""
+        lab = self._lab(lab)
+        self._run(f"generate the student version of {lab}", lambda: self.api.generate_assignment(lab, force=True))
+        folder = self.root / "release" / lab
+        say(f"{lab}: student version in {folder}")
+        if exchange:
+            self._run(f"release {lab} to the exchange", lambda: self.api.release_assignment(lab))
+            say(f"{lab}: released to the exchange; trainees can fetch it from the Assignments tab")
+        return folder
+
+    def collect(self, lab: str, *, say: Callable[[str], None] = print) -> None:
+        lab = self._lab(lab)
+        self._run(f"collect {lab}", lambda: self.api.collect(lab))
+        say(f"{lab}: submissions collected into {self.root / 'submitted'}")
+
+    def submit(self, lab: str, paths: list[Path]) -> list[str]:
+        """Place submissions where nbgrader looks (``submitted/STUDENT/LAB/NOTEBOOK``); the students.
+
+        A notebook file is the student named by its file name (or, if it has the lab's own file name, by
+        its folder's); a folder is a student, named by it, holding their notebook."""
+        lab = self._lab(lab)
+        expected = self.notebooks(lab)
+        students = []
+        for path in paths:
+            path = path.expanduser()
+            if path.is_dir():
+                files = sorted(path.glob("*.ipynb"))
+                student = path.name
+            elif path.suffix == ".ipynb" and path.is_file():
+                files = [path]
+                student = path.parent.name if path.name in expected else path.stem
+            else:
+                raise LabkitError(f"{path} is neither a notebook (.ipynb) nor a folder of one.")
+            if not files:
+                raise LabkitError(f"{path} holds no notebook.")
+            student = STUDENT_ID.sub("-", student).strip("-.") or "trainee"
+            target = self.root / "submitted" / student / lab
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            for file in files:
+                # One notebook per lab: a trainee's copy is graded as that notebook, whatever its file is called.
+                name = file.name if file.name in expected or len(expected) != 1 else expected[0]
+                shutil.copy2(file, target / name)
+            students.append(student)
+        return students
+
+    def submitted(self, lab: str) -> list[str]:
+        folder = self.root / "submitted"
+        return sorted(p.name for p in folder.iterdir() if (p / lab).is_dir()) if folder.is_dir() else []
+
+    def autograde(self, lab: str, paths: list[Path] | None = None, *, cluster: str = "sandbox",
+                  say: Callable[[str], None] = print) -> list[Result]:  # fmt: skip
+        """Grade ``lab``'s submissions (those given, else all submitted) against a fresh cluster."""
+        lab = self._lab(lab)
+        if not (self.root / "release" / lab).exists() or not self._in_gradebook(lab):
+            self.release(lab, say=say)
+        students = self.submit(lab, paths) if paths else self.submitted(lab)
+        if not students:
+            raise LabkitError(f"No submissions of {lab} to grade.",
+                              hint=f"Pass them: `labkit course autograde {lab} alice.ipynb bob/ ...`, or collect them.")  # fmt: skip
+        results = []
+        with grading_cluster(cluster, say=say):
+            for number, student in enumerate(students, 1):
+                say(f"[{number}/{len(students)}] grading {student}...")
+                started = time.monotonic()
+                outcome = self.api.autograde(lab, student, force=True, create=True)
+                result = self.score(lab, student)
+                result.seconds = time.monotonic() - started
+                if not outcome.get("success"):
+                    text = (outcome.get("error") or outcome.get("log") or "").strip()
+                    result.error = text.splitlines()[-1] if text else "failed"
+                results.append(result)
+                failed = f"; not passed: {', '.join(result.failed)}" if result.failed else ""
+                say(f"    {student}: {result.score:g}/{result.max_score:g} in {result.seconds:.1f} s{failed}"
+                    + (f" (nbgrader: {result.error})" if result.error else ""))
+        return results
+
+    def _in_gradebook(self, lab: str) -> bool:
+        from nbgrader.api import Gradebook, MissingEntry
+
+        with Gradebook(self.api.coursedir.db_url) as book:
+            try:
+                book.find_assignment(lab)
+            except MissingEntry:
+                return False
+        return True
+
+    def score(self, lab: str, student: str) -> Result:
+        from nbgrader.api import Gradebook, MissingEntry
+
+        with Gradebook(self.api.coursedir.db_url) as book:
+            try:
+                submission = book.find_submission(lab, student)
+            except MissingEntry:
+                max_score = book.find_assignment(lab).max_score
+                return Result(student, 0.0, max_score, [], error="not graded")
+            tasks = [TaskScore(g.name, g.score, g.max_score) for nb in submission.notebooks for g in nb.grades
+                     if g.max_score]  # fmt: skip
+            return Result(student, submission.score, submission.max_score, tasks)
+
+    def scores(self, lab: str) -> list[Result]:
+        lab = self._lab(lab)
+        return [self.score(lab, student) for student in self.submitted(lab)]
+
+    def feedback(self, lab: str, *, exchange: bool = False, say: Callable[[str], None] = print) -> Path:
+        lab = self._lab(lab)
+        self._run(f"generate feedback for {lab}", lambda: self.api.generate_feedback(lab))
+        say(f"{lab}: feedback in {self.root / 'feedback'} (one HTML file per trainee)")
+        if exchange:
+            self._run(f"return feedback for {lab}", lambda: self.api.release_feedback(lab))
+            say(f"{lab}: feedback returned through the exchange")
+        return self.root / "feedback"
+
+
+@contextlib.contextmanager
+def grading_cluster(cluster: str, *, say: Callable[[str], None] = print) -> Iterator[None]:
+    """Point the notebooks nbgrader runs at the grading cluster: a fresh sandbox named ``grading`` (made
+    anew for each grading run, so results never depend on what came before), or ``$KUBECONFIG``."""
+    saved = {key: os.environ.get(key) for key in ("KUBECONFIG", "LABKIT_CLUSTER")}
+    try:
+        if cluster == "sandbox":
+            from labkit.sandbox.controlplane import Sandbox
+
+            sandbox = Sandbox(GRADING_SANDBOX)
+            sandbox.down(purge=True, say=lambda _: None)
+            say("starting a fresh grading sandbox...")
+            sandbox.up(say=lambda _: None)
+            os.environ["KUBECONFIG"] = str(sandbox.state.kubeconfig)
+        elif cluster != "kubeconfig":
+            raise LabkitError(f"--cluster {cluster!r}: grade against `sandbox` (a fresh local one) or `kubeconfig`.")
+        elif not os.environ.get("KUBECONFIG"):
+            raise LabkitError("--cluster kubeconfig needs $KUBECONFIG set to the grading cluster's kubeconfig.")
+        os.environ["LABKIT_CLUSTER"] = "kubeconfig"
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _in(folder: Path) -> Iterator[None]:
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def _nbgrader_on_path() -> None:
+    """nbgrader runs ``alembic`` (and kernels) by name: this Python's bin folder goes first on PATH."""
+    folder = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != folder:
+        os.environ["PATH"] = folder + os.pathsep + path

@@ -1,0 +1,493 @@
+"""A lab: one run of one lab notebook, in a namespace of its own, on whichever cluster is at hand.
+
+``start_lab("01-deploy-and-scale")`` connects (see ``labkit.cluster``), makes a
+fresh namespace for this run and returns the ``Lab`` that every later cell uses:
+``apply`` manifests, ``wait_ready`` for rollouts with a live status line, run
+real ``kubectl`` in the lab's namespace, read ``events`` as a timeline, reach a
+pod's HTTP port with ``http``, and watch nodes and pods in a live ``view``.
+
+Running the first cell again is harmless: the lab carries on in its namespace.
+The namespace goes when the lab is closed or the kernel exits, so every run
+(a trainee's, or nbgrader's re-execution of a submission) starts from nothing
+and builds what it is graded on. Where the credentials may not create
+namespaces (a trainee's service account on JupyterHub), the lab works in the
+account's own namespace and removes what it made, by label, instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import json
+import os
+import re
+import secrets
+import shlex
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from labkit import display, manifests, readiness
+from labkit.cluster import APPLY_PATCH, APIError, Cluster, connect
+from labkit.errors import LabkitError
+
+LAB_LABEL = "labkit.io/lab"
+RUN_LABEL = "labkit.io/run"
+OWNER = "labkit.io/owner"  # host:pid:start of the kernel that made a namespace, so a dead one's can be swept
+FIELD_MANAGER = "labkit"
+DEFAULT_TIMEOUT = 120.0
+
+_labs: dict[str, Lab] = {}
+
+
+def start_lab(lab_id: str, *, fresh: bool = False, cluster: Cluster | None = None) -> Lab:
+    """Begin (or carry on with) lab ``lab_id`` in this kernel; ``fresh=True`` starts over in a new namespace."""
+    display.install_error_display()
+    lab = _labs.get(lab_id)
+    if lab is not None and not lab.closed and not fresh:
+        if lab.namespace_alive():
+            lab.say(f"Lab {lab_id} goes on in namespace {lab.namespace} on {lab.cluster.description}.")
+            return lab
+        lab.say(f"The lab's namespace {lab.namespace} is gone (deleted); starting again in a new one.")
+        fresh = True
+    if lab is not None:
+        lab.close(quiet=True)
+    lab = Lab(lab_id, cluster or connect())
+    _labs[lab_id] = lab
+    return lab
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    return slug[:45].strip("-") or "lab"
+
+
+@dataclass
+class Response:
+    """A pod's answer to ``Lab.http``."""
+
+    status: int
+    text: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 400
+
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status}: {self.text[:200]!r}>"
+
+
+class Output(str):
+    """kubectl's output, already shown: a cell that ends with it does not show it twice."""
+
+    def _ipython_display_(self) -> None:
+        pass
+
+
+class Applied(list):
+    """The names ``apply`` applied, already said: a cell that ends with it does not show them twice."""
+
+    def _ipython_display_(self) -> None:
+        pass
+
+
+class Lab:
+    """One run of a lab (see the module's docstring)."""
+
+    def __init__(self, lab_id: str, cluster: Cluster) -> None:
+        self.id = lab_id
+        self.slug = _slug(lab_id)
+        self.cluster = cluster
+        self.kinds = manifests.Kinds(cluster)
+        self.run_id = secrets.token_hex(3)
+        self.closed = False
+        self.shared = False  # True: working in a namespace this lab did not make
+        self.applied: set[manifests.Kind] = set()
+        self.views: list[Any] = []
+        self.namespace = self._make_namespace()
+        atexit.register(self.close, quiet=True)
+        where = "its own namespace" if not self.shared else "your namespace"
+        self.say(f"Lab {lab_id}: connected to {cluster.description}; working in {where} {self.namespace}.")
+
+    # -- the namespace ----------------------------------------------------------------------
+
+    def _make_namespace(self) -> str:
+        self._sweep_dead_kernels()
+        name = f"{self.slug}-{self.run_id}"
+        body = {"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": name, "labels": {LAB_LABEL: self.slug, RUN_LABEL: self.run_id},
+                             "annotations": {OWNER: _owner()}}}  # fmt: skip
+        try:
+            self.cluster.request("POST", "/api/v1/namespaces", body)
+        except APIError as exc:
+            if exc.status != 403 or not self.cluster.namespace:
+                raise LabkitError(f"Cannot create the lab's namespace: {exc.message}", hint=exc.hint) from None
+            self.shared = True  # a trainee's service account: its own namespace, cleaned by label
+            return self.cluster.namespace
+        # Pods are refused until the namespace's controller has made its default ServiceAccount.
+        deadline = time.monotonic() + 30
+        while self.cluster.get(f"/api/v1/namespaces/{name}/serviceaccounts/default") is None:
+            if time.monotonic() > deadline:
+                raise LabkitError(f"The namespace {name} got no default ServiceAccount within 30 s.",
+                                  hint="The cluster's controller manager may be down: `kubectl get --raw /readyz`.")  # fmt: skip
+            time.sleep(0.05)
+        return name
+
+    def _sweep_dead_kernels(self) -> None:
+        """Delete lab namespaces that kernels on this machine made and could not remove (they were killed)."""
+        try:
+            listing = self.cluster.request("GET", "/api/v1/namespaces", query={"labelSelector": LAB_LABEL})
+        except LabkitError:
+            return  # not allowed to list namespaces: nothing of ours to sweep
+        host = socket.gethostname()
+        for ns in listing.get("items", []):
+            meta = ns["metadata"]
+            owner = (meta.get("annotations") or {}).get(OWNER, "")
+            if owner.startswith(host + ":") and not _owner_alive(owner) and "deletionTimestamp" not in meta:
+                try:
+                    self.cluster.request("DELETE", f"/api/v1/namespaces/{meta['name']}")
+                except LabkitError:
+                    pass
+
+    def namespace_alive(self) -> bool:
+        ns = self.cluster.get(f"/api/v1/namespaces/{self.namespace}")
+        return ns is not None and "deletionTimestamp" not in ns["metadata"]
+
+    def close(self, quiet: bool = False) -> None:
+        """End the lab: its watches stop and its namespace (or, in a shared one, what it made) is deleted."""
+        if self.closed:
+            return
+        self.closed = True
+        for view in self.views:
+            view.stop()
+        try:
+            if not self.shared:
+                self.cluster.request("DELETE", f"/api/v1/namespaces/{self.namespace}")
+            else:
+                for kind in self.applied:
+                    self.cluster.request("DELETE", kind.path(self.namespace), query={"labelSelector": f"{RUN_LABEL}={self.run_id}"})
+        except LabkitError:
+            pass  # already gone, or the cluster is: nothing left to clean
+        if not quiet:
+            self.say(f"Lab {self.id} closed; {'namespace ' + self.namespace if not self.shared else 'what it made'} is being deleted.")
+
+    # -- requests, with the lab's own explanations ------------------------------------------
+
+    def request(self, method: str, path: str, body: Any = None, **options: Any) -> dict:
+        """An API request; a refusal because the lab's namespace is gone says so, and what to do."""
+        if self.closed:
+            raise LabkitError(f"Lab {self.id} is closed.", hint=f"Run `lab = labkit.start_lab({self.id!r})` to start it again.")
+        try:
+            return self.cluster.request(method, path, body, **options)
+        except APIError as exc:
+            if exc.status in (403, 404) and self.namespace in exc.message and (
+                    "being terminated" in exc.message or f'namespaces "{self.namespace}" not found' in exc.message):  # fmt: skip
+                raise LabkitError(
+                    f"The lab's namespace {self.namespace} has been deleted, so nothing more can be made in it.",
+                    hint=f"Run the lab's first cell again (`lab = labkit.start_lab({self.id!r})`): it makes a new "
+                         "namespace. Then run the cells above this one again, to recreate what they made.",
+                ) from None  # fmt: skip
+            raise
+
+    def say(self, message: str) -> None:
+        print(message, flush=True)
+
+    # -- objects ----------------------------------------------------------------------------
+
+    def apply(self, manifest: Any) -> Applied:
+        """Create or update the objects in ``manifest`` (YAML text, a file, a dict or a list) in the lab's
+        namespace, as ``kubectl apply --server-side`` does; the names applied, as ``kind/name``."""
+        applied = Applied()
+        for obj in manifests.load(manifest):
+            kind = self.kinds.of(obj["apiVersion"], obj["kind"])
+            body = copy.deepcopy(obj)
+            meta = body["metadata"]
+            name = meta["name"]
+            if kind.namespaced:
+                if meta.get("namespace") not in (None, self.namespace):
+                    raise LabkitError(f"{kind.kind} {name} asks for namespace {meta['namespace']!r}, but this lab works "
+                                      f"in {self.namespace}.", hint="Remove metadata.namespace from the manifest.")  # fmt: skip
+                meta["namespace"] = self.namespace
+            if self.shared:
+                meta.setdefault("labels", {})[RUN_LABEL] = self.run_id
+            try:
+                self.request("PATCH", kind.path(self.namespace, name), body, content_type=APPLY_PATCH,
+                             query={"fieldManager": FIELD_MANAGER, "force": "true"})  # fmt: skip
+            except APIError as exc:
+                raise LabkitError(f"The API server refused {kind.label}/{name}: {exc.message}", hint=exc.hint) from None
+            self.applied.add(kind)
+            applied.append(f"{kind.kind.lower()}/{name}")
+            self.say(f"{kind.label}/{name} applied")
+        return applied
+
+    def _locate(self, target: str) -> tuple[manifests.Kind, str]:
+        kind_name, name = manifests.split_target(target)
+        return self.kinds.named(kind_name), name
+
+    def get(self, target: str) -> dict | None:
+        """The object ``target`` (``deployment/web``; a bare name is a pod) as the API returns it, or None."""
+        kind, name = self._locate(target)
+        try:
+            return self.request("GET", kind.path(self.namespace, name))
+        except APIError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def delete(self, target: str, wait: bool = True, timeout: float = 60) -> None:
+        """Delete ``target`` (its pods go with it); wait until it is gone unless ``wait`` is False."""
+        kind, name = self._locate(target)
+        try:
+            self.request("DELETE", kind.path(self.namespace, name), {"propagationPolicy": "Foreground"})
+        except APIError as exc:
+            if exc.status != 404:
+                raise
+        self.say(f"{kind.label}/{name} deleted")
+        deadline = time.monotonic() + timeout
+        while wait and self.get(target) is not None:
+            if time.monotonic() > deadline:
+                raise LabkitError(f"{target} was not gone {timeout:.0f} s after its deletion.",
+                                  hint="Its pods may still be stopping: `lab.kubectl('get pods')` shows them.")  # fmt: skip
+            time.sleep(0.2)
+
+    def pods(self, selector: str | None = None) -> list[dict]:
+        """The lab's pods (optionally those matching a label selector such as ``app=web``), oldest first."""
+        query = {"labelSelector": selector} if selector else None
+        items = self.request("GET", f"/api/v1/namespaces/{self.namespace}/pods", query=query).get("items", [])
+        return sorted(items, key=lambda p: (p["metadata"].get("creationTimestamp", ""), p["metadata"]["name"]))
+
+    def nodes(self) -> list[dict]:
+        """The cluster's nodes (on JupyterHub, only if your account may list them)."""
+        return self.request("GET", "/api/v1/nodes").get("items", [])
+
+    def pods_of(self, target: str) -> list[dict]:
+        """The pods a workload (``deployment/web``) selects, or the one pod ``target`` names."""
+        kind, name = self._locate(target)
+        if kind.kind == "Pod":
+            pod = self.get(target)
+            return [pod] if pod else []
+        obj = self.get(target)
+        selector = readiness.selector_of(obj) if obj else None
+        return self.pods(selector) if selector else []
+
+    # -- waiting ----------------------------------------------------------------------------
+
+    def wait_ready(self, *targets: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Wait until each target is ready as ``kubectl rollout status`` / ``kubectl wait`` judge it (a
+        Deployment rolled out and available, a Pod Ready, a Job complete), showing progress as it goes.
+        Fails early, saying why, when it cannot get there by itself (a rollout past its deadline)."""
+        for target in targets:
+            self._wait(target, timeout)
+
+    def _wait(self, target: str, timeout: float) -> None:
+        kind, name = self._locate(target)
+        line = display.StatusLine()
+        started = time.monotonic()
+        summary = "waiting"
+        problem: str | None = None
+        next_look = 0.0
+        try:
+            while True:
+                obj = self.get(target)
+                elapsed = time.monotonic() - started
+                if obj is None:  # as kubectl rollout status and kubectl wait: nothing to wait for
+                    line.finish(f"{target}: not found", ok=False)
+                    raise LabkitError(f"There is no {target} in the lab's namespace {self.namespace}.",
+                                      hint="Apply it first (a cell above may have failed: look for its error).")
+                state = readiness.progress(kind.kind, obj)
+                summary = state.summary
+                if state.done:
+                    line.finish(f"{target}: {summary} ({elapsed:.1f} s)")
+                    return
+                if state.failure:
+                    line.finish(f"{target}: {summary}", ok=False)
+                    raise LabkitError(f"{target} will not become ready: {state.failure}.", hint=self._diagnose(target))
+                if time.monotonic() >= next_look and kind.kind != "Pod":  # the pods say why, once a second
+                    problem = next((p for p in map(readiness.pod_problem, self.pods_of(target)) if p), None)
+                    next_look = time.monotonic() + 1.0
+                if elapsed > timeout:
+                    line.finish(f"{target}: {summary} after {timeout:.0f} s", ok=False)
+                    raise LabkitError(f"{target} was not ready after {timeout:.0f} s ({summary}).", hint=self._diagnose(target))
+                line.update(f"{target}: {summary}" + (f" — {problem}" if problem else "") + f" ({elapsed:.0f} s)")
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            line.finish(f"{target}: {summary} (interrupted)", ok=False)
+            raise LabkitError(
+                f"Interrupted while waiting for {target} ({summary}). The cluster carries on without you: "
+                "nothing was undone.",
+                hint=f"Run `lab.wait_ready({target!r})` to wait again, or `lab.kubectl('get pods')` to look.",
+            ) from None
+
+    def _diagnose(self, target: str) -> str:
+        """Why ``target``'s pods are not ready, and the warnings about them: what a trainee should read next."""
+        lines = []
+        for pod in self.pods_of(target):
+            problem = readiness.pod_problem(pod)
+            if problem:
+                lines.append(f"pod {pod['metadata']['name']}: {problem}")
+        names = {p["metadata"]["name"] for p in self.pods_of(target)} | {target.rpartition("/")[2]}
+        warnings = [e for e in self.event_list() if e.get("type") == "Warning" and e["involvedObject"].get("name") in names]
+        for event in warnings[-3:]:
+            lines.append(f"event {event['reason']} on {event['involvedObject']['name']}: {event.get('message', '')}")
+        lines.append("`lab.events()` shows the whole timeline; `lab.kubectl('describe " + target + "')` the details.")
+        return "\n".join(lines)
+
+    # -- kubectl ----------------------------------------------------------------------------
+
+    def kubectl(self, args: str | list[str], *, check: bool = False, show: bool = True, input: str | None = None,
+                timeout: float = 120) -> Output:  # fmt: skip
+        """Run the real kubectl against the lab's namespace (``-n`` is added unless given) and show what it
+        prints; its output. ``check=True`` raises if kubectl fails."""
+        argv = shlex.split(args) if isinstance(args, str) else list(args)
+        if argv and argv[0] == "kubectl":
+            argv = argv[1:]
+        if not any(a in ("-n", "-A", "--all-namespaces") or a.startswith("--namespace") for a in argv):
+            argv = ["-n", self.namespace, *argv]
+        command = [*self.cluster.kubectl_command(), *argv]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, input=input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise LabkitError(f"kubectl {' '.join(argv)} did not finish within {timeout:.0f} s.") from None
+        except KeyboardInterrupt:
+            raise LabkitError(f"Interrupted: kubectl {' '.join(argv)} was stopped.",
+                              hint="What it changed before it stopped stays changed.") from None  # fmt: skip
+        if show:
+            if done.stdout:
+                print(done.stdout, end="" if done.stdout.endswith("\n") else "\n", flush=True)
+            if done.stderr:
+                print(done.stderr, end="" if done.stderr.endswith("\n") else "\n", file=sys.stderr, flush=True)
+        if check and done.returncode != 0:
+            raise LabkitError(f"kubectl {' '.join(argv)} failed: {done.stderr.strip() or done.returncode}")
+        return Output(done.stdout)
+
+    # -- events -----------------------------------------------------------------------------
+
+    def event_list(self) -> list[dict]:
+        """The lab namespace's Events, oldest first."""
+        items = self.request("GET", f"/api/v1/namespaces/{self.namespace}/events").get("items", [])
+        return sorted(items, key=_event_time)
+
+    def events(self, last: int | None = 30) -> None:
+        """Show the lab's Events as a timeline: the ``last`` ones (None for all). ``event_list`` returns them."""
+        items = self.event_list()
+        shown = items[-last:] if last else items
+        origin = _parse_time(_event_time(items[0])) if items else 0.0
+        rows = [(f"+{_parse_time(_event_time(e)) - origin:.0f}s", e.get("type", ""), e.get("reason", ""),
+                 f"{e['involvedObject'].get('kind', '').lower()}/{e['involvedObject'].get('name', '')}",
+                 (e.get("message") or "").strip()[:160] + (f" (x{e['count']})" if e.get("count", 1) > 1 else ""))
+                for e in shown]  # fmt: skip
+        display.table(rows, ["when", "type", "reason", "object", "message"])
+
+    # -- reaching a pod ---------------------------------------------------------------------
+
+    def http(self, target: str, path: str = "/", *, port: int | None = None, timeout: float = 10) -> Response:
+        """GET ``path`` from a ready pod of ``target`` (``deployment/web``, ``pod/web-abc``, or a pod's name),
+        on ``port`` (default: the pod's first declared container port)."""
+        pods = self.pods_of(target)
+        # As a Service would: ready pods that are not shutting down.
+        ready = [p for p in pods if readiness.condition(p, "Ready").get("status") == "True"
+                 and not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+        if not ready:
+            raise LabkitError(f"{target} has no ready pod to answer." + (" It has no pods." if not pods else ""),
+                              hint=f"`lab.wait_ready({target!r})` waits for one.")  # fmt: skip
+        pod = ready[0]
+        if port is None:
+            ports = [p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])]
+            if not ports:
+                raise LabkitError(f"Pod {pod['metadata']['name']} declares no container port.",
+                                  hint=f"Say which: `lab.http({target!r}, {path!r}, port=8080)`.")  # fmt: skip
+            port = ports[0]
+        node = self.cluster.get(f"/api/v1/nodes/{pod['spec']['nodeName']}") if pod["spec"].get("nodeName") else None
+        runtime = (node or {}).get("status", {}).get("nodeInfo", {}).get("containerRuntimeVersion", "")
+        if runtime.startswith("labkit://"):
+            return self._http_via_node(node, pod, port, path, timeout)
+        return self._http_via_apiserver(pod, port, path, timeout)
+
+    def _http_via_node(self, node: dict, pod: dict, port: int, path: str, timeout: float) -> Response:
+        """Through the sandbox node's own kubelet API, which connects from inside the pod's network."""
+        endpoint = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+        config = self.cluster.api.configuration
+        context = ssl.create_default_context(cafile=config.ssl_ca_cert)
+        context.check_hostname = False  # the node serves for its name and 127.0.0.1; reached here by address
+        if config.cert_file:
+            context.load_cert_chain(config.cert_file, config.key_file)
+        meta = pod["metadata"]
+        url = f"https://127.0.0.1:{endpoint}/labkit/proxy/{meta['namespace']}/{meta['name']}/{port}/{path.lstrip('/')}"
+        return _fetch(urllib.request.Request(url), context, timeout)
+
+    def _http_via_apiserver(self, pod: dict, port: int, path: str, timeout: float) -> Response:
+        """Through the API server's pods/proxy, as on any real cluster."""
+        meta = pod["metadata"]
+        api_path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}:{port}/proxy/{path.lstrip('/')}"
+        answer = self.cluster.send("GET", api_path, timeout=timeout)
+        return Response(answer.status, answer.read().decode(errors="replace"), dict(answer.headers))
+
+    # -- watching ---------------------------------------------------------------------------
+
+    def view(self) -> Any:
+        """A live view of the cluster's nodes and the lab's pods, updated from watches while the lab runs."""
+        from labkit.view import LiveView
+
+        view = LiveView(self)
+        self.views.append(view)
+        return view.widget
+
+
+def _fetch(request: urllib.request.Request, context: ssl.SSLContext, timeout: float) -> Response:
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=timeout) as answer:
+            return Response(answer.status, answer.read().decode(errors="replace"), dict(answer.headers))
+    except urllib.error.HTTPError as exc:
+        return Response(exc.code, exc.read().decode(errors="replace"), dict(exc.headers or {}))
+    except (urllib.error.URLError, OSError) as exc:
+        raise LabkitError(f"The pod could not be reached: {getattr(exc, 'reason', exc)}.") from None
+
+
+def _event_time(event: dict) -> str:
+    return event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp") or \
+        event["metadata"].get("creationTimestamp", "")
+
+
+def _parse_time(stamp: str) -> float:
+    import datetime as dt
+
+    if not stamp:
+        return 0.0
+    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _owner_alive(owner: str) -> bool:
+    _, _, rest = owner.partition(":")
+    pid, _, start = rest.partition(":")
+    if not pid.isdigit():
+        return True  # not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not start or _start_time(int(pid)) == start
+

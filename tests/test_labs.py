@@ -1,0 +1,160 @@
+"""The labs as a trainee and an instructor meet them: executed end to end, released, and autograded.
+
+The labs' source notebooks (with their solutions) run with papermill against a
+three-node sandbox; nbgrader releases them and grades submissions made from
+the released version: blank, complete, one task done, and one that raises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from conftest import kubectl_json, module_cluster
+
+from labkit.course import Course
+from labkit.sandbox.controlplane import Sandbox
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPOSITORY / "notebooks"
+LABS = {"01-deploy-and-scale": ("deploy-and-scale.ipynb", 13), "02-rollouts-and-rollbacks": ("rollouts-and-rollbacks.ipynb", 16)}
+
+cluster = module_cluster("labs", nodes=3)
+
+
+def lab_env(cluster: Sandbox) -> dict[str, str]:
+    return {**os.environ, "KUBECONFIG": str(cluster.state.kubeconfig), "LABKIT_CLUSTER": "kubeconfig"}
+
+
+def errors(notebook: nbformat.NotebookNode) -> list[str]:
+    return [f"{o['ename']}: {o['evalue']}" for c in notebook.cells if c.cell_type == "code"
+            for o in c.get("outputs", []) if o.get("output_type") == "error"]  # fmt: skip
+
+
+def lab_namespaces(cluster: Sandbox, lab: str) -> list[str]:
+    items = kubectl_json(cluster, "get", "namespaces", "-l", f"labkit.io/lab={lab}")["items"]
+    return [ns["metadata"]["name"] for ns in items if not ns["metadata"].get("deletionTimestamp")]
+
+
+@pytest.mark.parametrize("lab", sorted(LABS))
+def test_each_lab_runs_end_to_end_and_cleans_up(cluster: Sandbox, lab: str, tmp_path: Path) -> None:
+    notebook, _ = LABS[lab]
+    out = tmp_path / notebook
+    done = subprocess.run(
+        [sys.executable, "-m", "papermill", str(NOTEBOOKS / lab / notebook), str(out), "--cwd", str(tmp_path),
+         "--execution-timeout", "300"],
+        capture_output=True, text=True, env=lab_env(cluster), timeout=600,
+    )  # fmt: skip
+    executed = nbformat.read(out, as_version=4)
+    assert done.returncode == 0 and not errors(executed), f"{lab} failed: {errors(executed)}\n{done.stderr[-3000:]}"
+    text = "\n".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "✔" in text and "is being deleted" in text
+    assert lab_namespaces(cluster, lab) == [], "the lab's namespace outlived the lab"
+
+
+# -- the instructor's side ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory: pytest.TempPathFactory) -> Course:
+    root = tmp_path_factory.mktemp("course")
+    shutil.copy(REPOSITORY / "graders" / "nbgrader_config.py", root)
+    return Course(root, NOTEBOOKS)
+
+
+def _cells(path: Path) -> list[nbformat.NotebookNode]:
+    return nbformat.read(path, as_version=4).cells
+
+
+def test_the_released_lab_has_no_solutions_and_no_hidden_tests(course: Course) -> None:
+    for lab, (notebook, _) in LABS.items():
+        source = _cells(NOTEBOOKS / lab / notebook)
+        released = _cells(course.release(lab, say=lambda _: None) / notebook)
+        assert len(released) == len(source)
+        text = "\n".join(c.source for c in released)
+        assert "BEGIN SOLUTION" not in text and "BEGIN HIDDEN TESTS" not in text
+        for before, after in zip(source, released):
+            meta = before.metadata.get("nbgrader", {})
+            if meta.get("solution"):
+                solution = before.source.split("### BEGIN SOLUTION")[1].split("### END SOLUTION")[0]
+                assert solution.strip() not in after.source and "raise NotImplementedError()" in after.source
+            if meta.get("grade") and "BEGIN HIDDEN TESTS" in before.source:
+                hidden = before.source.split("### BEGIN HIDDEN TESTS")[1].split("### END HIDDEN TESTS")[0]
+                assert hidden.strip() not in after.source
+                assert after.source.strip(), "a check cell must keep its visible part"
+
+
+def _submission(course: Course, folder: Path, lab: str, student: str, answers: dict[str, str]) -> Path:
+    """The released notebook with the given answer cells (by grade_id) filled in, as a trainee's folder."""
+    notebook, _ = LABS[lab]
+    nb = nbformat.read(course.root / "release" / lab / notebook, as_version=4)
+    for cell in nb.cells:
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if grade_id in answers:
+            cell.source = answers[grade_id]
+    target = folder / student
+    target.mkdir(parents=True)
+    nbformat.write(nb, target / notebook)
+    return target
+
+
+def test_autograding_scores_what_each_submission_did(course: Course, cluster: Sandbox, tmp_path: Path) -> None:
+    lab = "01-deploy-and-scale"
+    notebook, full = LABS[lab]
+    course.release(lab, say=lambda _: None)
+    solutions = {c.metadata["nbgrader"]["grade_id"]: c.source for c in _cells(NOTEBOOKS / lab / notebook)
+                 if c.metadata.get("nbgrader", {}).get("solution")}  # fmt: skip
+    task1 = solutions["task1-answer"]
+    submissions = [
+        _submission(course, tmp_path, lab, "blank", {}),
+        _submission(course, tmp_path, lab, "complete", solutions),
+        _submission(course, tmp_path, lab, "first-task", {"task1-answer": task1}),
+        # Task 1 done, then a cell that raises: the rest of the notebook is still run and graded.
+        _submission(course, tmp_path, lab, "raises", {"task1-answer": task1,
+                                                       "task2-answer": "lab.apply('kind: [not, a, manifest')"}),
+    ]
+    log: list[str] = []
+    results = {r.student: r for r in course.autograde(lab, submissions, say=log.append)}
+    assert {s: (r.score, r.max_score) for s, r in results.items()} == {
+        "blank": (0, full), "complete": (full, full), "first-task": (3, full), "raises": (3, full),
+    }, "\n".join(log)
+    assert results["raises"].failed == ["task2-check", "task3-check", "task4-check", "task5-check"]
+    assert any("[4/4] grading raises" in line for line in log)
+    # Graded against a fresh sandbox of its own, which it leaves running for a look; the trainees'
+    # namespaces are gone.
+    grading = Sandbox("grading")
+    assert grading.state.supervisor_pid()
+    leftover = kubectl_json(grading, "get", "namespaces", "-l", f"labkit.io/lab={lab}")["items"]
+    assert all(ns["metadata"].get("deletionTimestamp") for ns in leftover)
+    grading.down(purge=True, say=lambda _: None)
+    # The graded copy says what failed, in words a trainee can act on.
+    graded = nbformat.read(course.root / "autograded" / "raises" / lab / notebook, as_version=4)
+    outputs = json.dumps([c.get("outputs", []) for c in graded.cells])
+    assert "is not valid YAML" in outputs
+
+
+def test_the_command_line_grades_and_reports(course: Course, cluster: Sandbox, tmp_path: Path) -> None:
+    lab = "01-deploy-and-scale"
+    course.release(lab, say=lambda _: None)
+    blank = _submission(course, tmp_path, lab, "dana", {})
+    env = {**lab_env(cluster), "LABKIT_COURSE_ROOT": str(course.root)}
+    done = subprocess.run([sys.executable, "-m", "labkit", "course", "autograde", "01", str(blank), "--cluster",
+                           "kubeconfig"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "dana" in done.stdout and "0/13" in done.stdout, done.stdout
+    scores = subprocess.run([sys.executable, "-m", "labkit", "course", "scores", lab], capture_output=True, text=True,
+                            env=env, timeout=120)  # fmt: skip
+    assert "dana" in scores.stdout and "task1-check" in scores.stdout
+    feedback = subprocess.run([sys.executable, "-m", "labkit", "course", "feedback", lab], capture_output=True,
+                              text=True, env=env, timeout=300)  # fmt: skip
+    assert feedback.returncode == 0, feedback.stderr
+    assert (course.root / "feedback" / "dana" / lab / "deploy-and-scale.html").exists()
+    unknown = subprocess.run([sys.executable, "-m", "labkit", "course", "release", "99"], capture_output=True, text=True,
+                             env=env, timeout=120)  # fmt: skip
+    assert unknown.returncode == 1 and "There is no lab '99'" in unknown.stderr and "Traceback" not in unknown.stderr
