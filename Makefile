@@ -31,8 +31,8 @@ lab: setup
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-## book: build the course book (Jupyter Book 1.x, offline) into book/_build/html; warnings are errors
-book: setup
+## book: build the course book (Jupyter Book 1.x, offline; needs the venv, not the binaries) into book/_build/html; warnings are errors
+book: $(VENV)/.installed
 	$(BIN)/jupyter-book build book --warningiserror --keep-going
 
 ## bench: print the benchmark tables

@@ -311,7 +311,7 @@ class Lab:
                     return
                 if state.failure:
                     line.finish(f"{target}: {summary}", ok=False)
-                    raise LabkitError(f"{target} will not become ready: {state.failure}.", hint=self._diagnose(target))
+                    raise LabkitError(f"{target} will not become ready: {state.failure.rstrip('.')}.", hint=self._diagnose(target))
                 if time.monotonic() >= next_look and kind.kind != "Pod":  # the pods say why, once a second
                     problem = next((p for p in map(readiness.pod_problem, self.pods_of(target)) if p), None)
                     next_look = time.monotonic() + 1.0

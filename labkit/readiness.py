@@ -38,7 +38,7 @@ def progress(kind: str, obj: dict) -> Progress:
         summary = f"{ready}/{want} ready, {updated} up to date" + (f", {total - updated} old" if total > updated else "")
         stalled = condition(obj, "Progressing")
         if current and stalled.get("reason") == "ProgressDeadlineExceeded":
-            return Progress(False, summary, f"the rollout is stuck: {stalled.get('message', 'ProgressDeadlineExceeded')}")
+            return Progress(False, summary, f"the rollout is stuck (ProgressDeadlineExceeded): {stalled.get('message', '')}")
         done = current and updated >= want and total == updated and available >= want
         return Progress(done, summary)
     if kind in ("StatefulSet", "ReplicaSet"):

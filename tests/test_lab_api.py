@@ -1,0 +1,162 @@
+"""The notebook API against a live sandbox: what a lab cell does, and what a trainee's mistakes lead to.
+
+Each test drives ``labkit.start_lab`` in this process, as a notebook's kernel
+would, against a one-node sandbox that ``$KUBECONFIG`` points at.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import pytest
+from conftest import eventually, kubectl_json, module_cluster
+
+import labkit
+from labkit import checks
+from labkit.checks import CheckFailed
+from labkit.lab import Lab
+from labkit.sandbox.controlplane import Sandbox
+from labkit.view import LiveView
+
+cluster = module_cluster("lab-api", nodes=1)
+
+WEB = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: web
+        image: labkit/web:IMAGE
+        ports: [{containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /readyz, port: 8080}, periodSeconds: 1}
+"""
+
+
+@pytest.fixture
+def lab(cluster: Sandbox, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Lab:
+    monkeypatch.setenv("KUBECONFIG", str(cluster.state.kubeconfig))
+    monkeypatch.setenv("LABKIT_CLUSTER", "kubeconfig")
+    lab = labkit.start_lab(request.node.name.removeprefix("test_").replace("_", "-")[:30], fresh=True)
+    yield lab
+    lab.close(quiet=True)
+
+
+def namespace_phase(cluster: Sandbox, name: str) -> str | None:
+    found = [ns for ns in kubectl_json(cluster, "get", "namespaces")["items"] if ns["metadata"]["name"] == name]
+    return found[0]["status"]["phase"] if found else None
+
+
+def test_a_lab_has_a_namespace_of_its_own_and_starting_again_keeps_it(lab: Lab, cluster: Sandbox) -> None:
+    assert namespace_phase(cluster, lab.namespace) == "Active"
+    again = labkit.start_lab(lab.id)
+    assert again is lab and again.namespace == lab.namespace
+    fresh = labkit.start_lab(lab.id, fresh=True)
+    assert fresh.namespace != lab.namespace
+    eventually(lambda: namespace_phase(cluster, lab.namespace) in (None, "Terminating"), what="the old namespace to go")
+    fresh.close()
+    eventually(lambda: namespace_phase(cluster, fresh.namespace) in (None, "Terminating"), what="closing to delete it")
+
+
+def test_apply_wait_and_reach_the_app(lab: Lab) -> None:
+    applied = lab.apply(WEB.replace("IMAGE", "2.0"))
+    assert applied == ["deployment/web"]
+    lab.wait_ready("deployment/web", timeout=60)
+    response = lab.http("deployment/web", "/version")
+    assert response.ok and "2.0" in response.text
+    assert lab.http("deployment/web", "/version", port=9999).status == 502  # nothing listens there
+    output = lab.kubectl("get deployment web -o name")
+    assert output.strip() == "deployment.apps/web"
+    assert any(e["reason"] == "ScalingReplicaSet" for e in lab.event_list())
+    checks.deployment(lab, "web", replicas=1, image="labkit/web:2.0")
+    with pytest.raises(CheckFailed, match="asks for 1 replicas; the task asks for 3"):
+        checks.deployment(lab, "web", replicas=3)
+
+
+def test_a_bad_release_fails_the_wait_with_the_reason(lab: Lab) -> None:
+    manifest = WEB.replace("IMAGE", "3.0").replace("replicas: 1", "replicas: 1\n  progressDeadlineSeconds: 3")
+    lab.apply(manifest)
+    with pytest.raises(labkit.LabkitError) as failure:
+        lab.wait_ready("deployment/web", timeout=60)
+    assert "ProgressDeadlineExceeded" in str(failure.value) or "progress deadline" in str(failure.value)
+    assert "readiness probe fails" in failure.value.hint  # why the pod is not ready
+    lab.apply(WEB.replace("IMAGE", "nosuchtag"))
+    with pytest.raises(labkit.LabkitError) as stuck:
+        lab.wait_ready("deployment/web", timeout=8)
+    assert "ImagePullBackOff" in failure.value.hint + stuck.value.hint or "ErrImagePull" in stuck.value.hint
+
+
+def test_malformed_manifests_say_what_is_wrong(lab: Lab) -> None:
+    cases = {
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n  data: {}\n": "is not valid YAML at line 4",
+        "apiVersion: v1\nkind: ConfigMap\n": "has no metadata.name",
+        "apiVersion: v1\nkind: Gadget\nmetadata: {name: x}\n": "no kind 'Gadget' in v1",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: bad}\nspec: {replicas: 1}\n": "spec.selector: Required value",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x, namespace: kube-system}\n": "asks for namespace 'kube-system'",
+        "": "is empty",
+    }
+    for manifest, message in cases.items():
+        with pytest.raises(labkit.LabkitError, match=message):
+            lab.apply(manifest)
+    with pytest.raises(labkit.LabkitError, match="There is no deployment/ghost"):
+        lab.wait_ready("deployment/ghost")
+
+
+def test_a_deleted_namespace_is_explained_and_starting_again_recovers(lab: Lab, cluster: Sandbox) -> None:
+    lab.kubectl(["delete", "namespace", lab.namespace, "--wait=false"], check=True)
+    with pytest.raises(labkit.LabkitError, match="has been deleted") as gone:
+        lab.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    assert "start_lab" in gone.value.hint
+    again = labkit.start_lab(lab.id)
+    assert again.namespace != lab.namespace
+    again.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    again.close(quiet=True)
+
+
+def test_an_interrupted_wait_says_what_happened_and_the_next_call_works(lab: Lab) -> None:
+    lab.apply(WEB.replace("IMAGE", "3.0"))  # never ready: the wait would go on
+    main = threading.get_ident()
+    threading.Timer(1.5, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    with pytest.raises(labkit.LabkitError, match="Interrupted while waiting for deployment/web") as stopped:
+        lab.wait_ready("deployment/web", timeout=60)
+    assert "wait_ready" in stopped.value.hint
+    lab.apply(WEB.replace("IMAGE", "1.0"))
+    lab.wait_ready("deployment/web", timeout=60)
+
+
+def test_the_live_view_follows_pods_and_nodes(lab: Lab) -> None:
+    view = LiveView(lab)
+    lab.apply(WEB.replace("IMAGE", "1.0"))
+    eventually(lambda: "web-" in view.widget.value and "1/1" in view.widget.value and "node-1" in view.widget.value,
+               timeout=60, what="the ready pod in the view")  # fmt: skip
+    lab.delete("deployment/web")
+    eventually(lambda: "no pods yet" in view.widget.value, timeout=60, what="the pod to leave the view")
+    view.stop()
+
+
+def test_answers_are_checked_with_feedback() -> None:
+    # A notebook's answers are its globals: the check reads them from the caller's module.
+    globals().update(placement="Scheduler ", wrong=4, unanswered=...)
+    checks.answer("placement", "kube-scheduler", also=("scheduler",))
+    for name in ("not_set", "unanswered"):
+        with pytest.raises(CheckFailed, match="has no answer yet"):
+            checks.answer(name, 3)
+    with pytest.raises(CheckFailed, match="`wrong` is 4, which is not right.\nHint: count again"):
+        checks.answer("wrong", 3, hint="count again")
+
+
+def test_without_a_cluster_setting_a_named_sandbox_is_used(cluster: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("LABKIT_CLUSTER", f"sandbox:{cluster.name}")
+    lab = labkit.start_lab("sandbox-choice", fresh=True)
+    assert lab.cluster.sandbox == cluster.name and f"local sandbox {cluster.name!r}" in lab.cluster.description
+    lab.close(quiet=True)
+    monkeypatch.setenv("LABKIT_CLUSTER", "the-moon")
+    with pytest.raises(labkit.LabkitError, match="not a way to find a cluster"):
+        labkit.start_lab("sandbox-choice", fresh=True)
