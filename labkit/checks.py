@@ -12,7 +12,7 @@ what was expected, what the cluster shows, and a hint.
 
 from __future__ import annotations
 
-import inspect
+import sys
 from typing import Any, Callable
 
 from labkit import readiness
@@ -46,7 +46,7 @@ def answer(name: str, expected: Any, *, also: tuple = (), hint: str | None = Non
 
     Strings compare without case and surrounding spaces unless ``normalise`` says otherwise;
     ``feedback`` is said when it is right (the why behind the answer)."""
-    scope = inspect.stack()[1].frame.f_globals
+    scope = sys._getframe(1).f_globals  # the notebook's namespace (inspect.stack would read every frame's source)
     if name not in scope or scope[name] is Ellipsis:
         _fail(f"`{name}` has no answer yet.", f"Set `{name} = ...` in the answer cell above this check, and run it.")
     given = scope[name]

@@ -9,22 +9,38 @@ A lab runs unchanged in three places, and finds its cluster in this order:
 3. **sandbox**: the local sandbox (``default``), started if it is not running.
 
 ``$LABKIT_CLUSTER`` chooses instead: ``in-cluster``, ``kubeconfig`` or
-``sandbox`` (``sandbox:NAME`` for a named one). Every request goes through the
-official Kubernetes Python client, so every way of authenticating a kubeconfig
-allows (certificates, tokens, exec plugins) works; API errors come back as
-``LabkitError`` with the API server's own message.
+``sandbox`` (``sandbox:NAME`` for a named one).
+
+Requests go through labkit's own small client (``labkit.sandbox.kubeapi``, which
+the node agent uses too), so a kernel connects in milliseconds. Kubeconfigs are
+read as kubectl reads them: the current context; certificate authorities, client
+certificates and keys as files or inline data; bearer tokens and token files; and
+exec credential plugins (the way cloud providers' kubeconfigs log in), run again
+when their credential expires. API errors come back as ``APIError`` (a
+``LabkitError``) with the API server's own message.
 """
 
 from __future__ import annotations
 
+import atexit
+import base64
+import datetime as dt
 import json
 import os
 import shutil
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from labkit.errors import LabkitError
+from labkit.sandbox import kubeapi
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 APPLY_PATCH = "application/apply-patch+yaml"
@@ -45,7 +61,7 @@ class APIError(LabkitError):
 class Cluster:
     """A connected cluster: the client, where it came from, and how kubectl reaches it."""
 
-    api: Any  # kubernetes.client.ApiClient
+    api: kubeapi.KubeAPI
     source: str  # "in-cluster", "kubeconfig" or "sandbox"
     description: str  # for people: which cluster this is
     kubeconfig: Path | None  # for kubectl (None in-cluster: kubectl finds the service account itself)
@@ -56,27 +72,19 @@ class Cluster:
     # -- requests --------------------------------------------------------------------------
 
     def send(self, method: str, path: str, body: Any = None, *, content_type: str = "application/json",
-             query: dict[str, str] | None = None, timeout: float = 30) -> Any:  # fmt: skip
-        """One request, whatever its answer: the client's response (``status``, ``read()``, and
-        ``response`` to stream). A cluster that does not answer is a LabkitError."""
-        from urllib3.exceptions import HTTPError
-
-        _, url, headers, data, _ = self.api.param_serialize(
-            method, path, query_params=list((query or {}).items()), body=body,
-            header_params={"Content-Type": content_type, "Accept": "application/json"}, auth_settings=["BearerToken"],
-        )  # fmt: skip
+             query: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, bytes]:  # fmt: skip
+        """One request, whatever its answer: (status, body). A cluster that does not answer is a LabkitError."""
         try:
-            return self.api.call_api(method, url, header_params=headers, body=data, _request_timeout=timeout)
-        except HTTPError as exc:
+            return self.api.send(method, path, body, content_type=content_type, query=query, timeout=timeout)
+        except OSError as exc:
             raise LabkitError(f"The cluster at {self.server} does not answer ({exc}).", hint=self.unreachable_hint()) from None
 
     def request(self, method: str, path: str, body: Any = None, *, content_type: str = "application/json",
                 query: dict[str, str] | None = None, timeout: float = 30) -> dict:  # fmt: skip
         """One API request; the decoded JSON answer. Refusals raise APIError with the server's message."""
-        response = self.send(method, path, body, content_type=content_type, query=query, timeout=timeout)
-        data = response.read()
-        if response.status >= 400:
-            raise api_error(response.status, data)
+        status, data = self.send(method, path, body, content_type=content_type, query=query, timeout=timeout)
+        if status >= 400:
+            raise api_error(status, data)
         return json.loads(data) if data else {}
 
     def get(self, path: str) -> dict | None:
@@ -90,24 +98,16 @@ class Cluster:
 
     def stream(self, path: str, query: dict[str, str], timeout: float = 60):  # noqa: ANN201 - a generator of events
         """The events of a watch (``watch=true`` is added), as decoded JSON, until the server ends it."""
-        response = self.send("GET", path, query={**query, "watch": "true"}, timeout=timeout)
-        if response.status >= 400:
-            raise api_error(response.status, response.read())
-        raw = response.response
         try:
-            buffer = b""
-            for chunk in raw.stream(4096):
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    if line.strip():
-                        yield json.loads(line)
-        finally:
-            raw.release_conn()
+            yield from self.api.stream(path, timeout=timeout, query={**query, "watch": "true"})
+        except kubeapi.APIError as exc:
+            raise api_error(exc.status, exc.body) from None
+        except OSError as exc:
+            raise LabkitError(f"The cluster at {self.server} does not answer ({exc}).", hint=self.unreachable_hint()) from None
 
     @property
     def server(self) -> str:
-        return self.api.configuration.host
+        return self.api.server
 
     def unreachable_hint(self) -> str:
         if self.sandbox:
@@ -135,14 +135,14 @@ def api_error(status: int, body: str | bytes) -> APIError:
         parsed = json.loads(text)
     except ValueError:
         parsed = {}
+    parsed = parsed if isinstance(parsed, dict) else {}
     message = parsed.get("message") or text.strip() or f"HTTP {status}"
-    reason = parsed.get("reason", "")
     hint = None
     if status == 403:
         hint = "Your credentials do not allow this here. Labs only act inside the lab's own namespace."
     elif status == 401:
         hint = "The cluster did not accept your credentials; they may have expired. Log in again, then rerun the cell."
-    return APIError(status, message, reason, hint)
+    return APIError(status, message, parsed.get("reason", ""), hint)
 
 
 def _find_kubectl() -> str:
@@ -165,18 +165,17 @@ def connect(*, say: Callable[[str], None] = print) -> Cluster:
     """The cluster this notebook should use (see the module's docstring for the order)."""
     choice = os.environ.get("LABKIT_CLUSTER", "").strip()
     if choice == "in-cluster" or (not choice and _in_cluster()):
-        return _in_cluster_cluster()
-    kubeconfig = _kubeconfig_path()
-    if choice == "kubeconfig" or (not choice and kubeconfig is not None):
-        if kubeconfig is None:
+        return in_cluster()
+    path = _kubeconfig_path()
+    if choice == "kubeconfig" or (not choice and path is not None):
+        if path is None:
             raise LabkitError("LABKIT_CLUSTER=kubeconfig, but there is no kubeconfig ($KUBECONFIG is not set and "
                               "~/.kube/config does not exist).", hint="Set $KUBECONFIG to your cluster's kubeconfig.")  # fmt: skip
-        return _kubeconfig_cluster(kubeconfig)
+        return from_kubeconfig(path, sandbox=sandbox_of(path))
     if choice and not choice.startswith("sandbox"):
         raise LabkitError(f"LABKIT_CLUSTER={choice!r} is not a way to find a cluster.",
                           hint="Use in-cluster, kubeconfig, sandbox or sandbox:NAME (or leave it unset).")  # fmt: skip
-    name = choice.partition(":")[2] or "default"
-    return sandbox_cluster(name, say=say)
+    return sandbox_cluster(choice.partition(":")[2] or "default", say=say)
 
 
 def _in_cluster() -> bool:
@@ -192,37 +191,167 @@ def _kubeconfig_path() -> Path | None:
     return default if default.exists() else None
 
 
-def _in_cluster_cluster() -> Cluster:
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException as exc:
-        raise LabkitError(f"This looks like a pod on Kubernetes, but its service account cannot be used ({exc}).",
-                          hint="Ask your instructor to check the notebook server's service account.") from None  # fmt: skip
+def in_cluster() -> Cluster:
+    """The cluster this pod runs in, as its service account (whose token rotates: read again each minute)."""
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST", ""), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    if not host or not (SERVICE_ACCOUNT / "token").exists():
+        raise LabkitError("LABKIT_CLUSTER=in-cluster, but this is not a pod with a service account.")
+    server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+    token = _cached(lambda: ((SERVICE_ACCOUNT / "token").read_text().strip(), time.time() + 60))
+    api = kubeapi.KubeAPI(server, SERVICE_ACCOUNT / "ca.crt", token=token)
     namespace_file = SERVICE_ACCOUNT / "namespace"
     namespace = namespace_file.read_text().strip() if namespace_file.exists() else None
-    return Cluster(client.ApiClient(configuration), "in-cluster",
-                   f"this Kubernetes cluster (service account in namespace {namespace})", None, namespace)  # fmt: skip
+    return Cluster(api, "in-cluster", f"this Kubernetes cluster (service account in namespace {namespace})", None, namespace)
 
 
-def _kubeconfig_cluster(path: Path, sandbox: str | None = None, description: str | None = None) -> Cluster:
-    from kubernetes import client, config
-
-    if not path.exists():
-        raise LabkitError(f"The kubeconfig {path} does not exist.", hint="Set $KUBECONFIG to a kubeconfig that does.")
-    configuration = client.Configuration()
+def from_kubeconfig(path: Path, *, sandbox: str | None = None, description: str | None = None,
+                    source: str = "kubeconfig") -> Cluster:  # fmt: skip
+    """The current context of the kubeconfig at ``path``."""
     try:
-        config.load_kube_config(config_file=str(path), client_configuration=configuration)
-        _, context = config.list_kube_config_contexts(config_file=str(path))
-    except (config.ConfigException, ValueError, TypeError, OSError) as exc:
-        raise LabkitError(f"The kubeconfig {path} cannot be used: {exc}",
-                          hint="`kubectl config view` shows what is in it.") from None  # fmt: skip
-    namespace = (context or {}).get("context", {}).get("namespace")
-    name = (context or {}).get("name", "?")
-    return Cluster(client.ApiClient(configuration), "sandbox" if sandbox else "kubeconfig",
-                   description or f"context {name!r} of {path} ({configuration.host})", path, namespace, sandbox)  # fmt: skip
+        document = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise LabkitError(f"The kubeconfig {path} cannot be read: {exc.strerror}.",
+                          hint="Set $KUBECONFIG to a kubeconfig that exists.") from None  # fmt: skip
+    except yaml.YAMLError as exc:
+        raise LabkitError(f"The kubeconfig {path} is not valid YAML: {exc}") from None
+    try:
+        name = document["current-context"]
+        context = _named(document.get("contexts"), name, "context")
+        cluster = _named(document.get("clusters"), context["cluster"], "cluster")
+        user = _named(document.get("users"), context["user"], "user") if context.get("user") else {}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LabkitError(f"The kubeconfig {path} cannot be used: {exc}.",
+                          hint="`kubectl config view` shows what is in it; it needs a current-context whose cluster "
+                               "and user it defines.") from None  # fmt: skip
+    api = _client(cluster, user, path.parent, f"the kubeconfig {path}")
+    description = description or f"context {name!r} of {path} ({api.server})"
+    return Cluster(api, source, description, path, context.get("namespace"), sandbox)
+
+
+def _named(entries: Any, name: str, what: str) -> dict:
+    for entry in entries or []:
+        if entry.get("name") == name:
+            return entry.get(what) or {}
+    raise ValueError(f"it names {what} {name!r} but does not define it")
+
+
+def _client(cluster: dict, user: dict, base: Path, where: str) -> kubeapi.KubeAPI:
+    """A client for a kubeconfig's cluster and user entries (paths in it are relative to ``base``)."""
+    if "server" not in cluster:
+        raise LabkitError(f"{where}: its cluster has no server address.")
+    if cluster.get("insecure-skip-tls-verify"):
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        authority = cluster.get("certificate-authority")
+        data = cluster.get("certificate-authority-data")
+        context = ssl.create_default_context(cafile=str(base / authority) if authority else None,
+                                             cadata=base64.b64decode(data).decode() if data else None)  # fmt: skip
+    token: Callable[[], str | None] | None = None
+    if user.get("auth-provider"):
+        provider = user["auth-provider"].get("name", "?")
+        raise LabkitError(f"{where} logs in with the {provider!r} auth-provider, which labkit does not support.",
+                          hint="Use a kubeconfig whose user logs in with a token, a client certificate or an exec "
+                               "credential plugin (as current cloud kubeconfigs do).")  # fmt: skip
+    if user.get("exec"):
+        plugin = ExecPlugin(user["exec"], base)
+        certificate = plugin.certificate()
+        if certificate:
+            context.load_cert_chain(*_files(*certificate))
+        token = plugin.token
+    certificate_file = _file_or_data(user, "client-certificate", base)
+    key_file = _file_or_data(user, "client-key", base)
+    if certificate_file and key_file:
+        context.load_cert_chain(certificate_file, key_file)
+    if user.get("token"):
+        fixed = user["token"]
+        token = lambda: fixed  # noqa: E731
+    elif user.get("tokenFile"):
+        token_file = base / user["tokenFile"]
+        token = _cached(lambda: (token_file.read_text().strip(), time.time() + 60))
+    return kubeapi.KubeAPI(cluster["server"], token=token, context=context)
+
+
+def _file_or_data(user: dict, key: str, base: Path) -> str | None:
+    if user.get(key):
+        return str(base / user[key])
+    if user.get(f"{key}-data"):
+        return _files(base64.b64decode(user[f"{key}-data"]))[0]
+    return None
+
+
+_scratch: list[str] = []
+
+
+def _files(*contents: bytes) -> list[str]:
+    """Write credentials to private files (ssl loads certificates and keys from files only), removed at exit."""
+    if not _scratch:
+        _scratch.append(tempfile.mkdtemp(prefix="labkit-credentials-"))
+        atexit.register(shutil.rmtree, _scratch[0], True)
+    paths = []
+    for content in contents:
+        handle, path = tempfile.mkstemp(dir=_scratch[0])
+        with os.fdopen(handle, "wb") as out:
+            out.write(content)
+        paths.append(path)
+    return paths
+
+
+def _cached(fetch: Callable[[], tuple[str | None, float]]) -> Callable[[], str | None]:
+    """A token from ``fetch`` (value, valid until), fetched again once it is no longer valid."""
+    state: dict[str, Any] = {"value": None, "until": 0.0}
+    lock = threading.Lock()
+
+    def token() -> str | None:
+        with lock:
+            if time.time() >= state["until"]:
+                state["value"], state["until"] = fetch()
+            return state["value"]
+
+    return token
+
+
+class ExecPlugin:
+    """A kubeconfig's exec credential plugin, run as kubectl runs it; its token is cached until it expires."""
+
+    def __init__(self, spec: dict, base: Path) -> None:
+        self.spec = spec
+        command = spec.get("command", "")
+        self.command = str(base / command) if "/" in command and not os.path.isabs(command) else command
+        self.token = _cached(self._token)
+        self._status: dict | None = None
+
+    def _run(self) -> dict:
+        env = {**os.environ, **{e["name"]: e["value"] for e in self.spec.get("env") or []}}
+        env["KUBERNETES_EXEC_INFO"] = json.dumps({"apiVersion": self.spec.get("apiVersion", ""), "kind": "ExecCredential",
+                                                  "spec": {"interactive": False}})  # fmt: skip
+        try:
+            done = subprocess.run([self.command, *(self.spec.get("args") or [])], capture_output=True, text=True,
+                                  env=env, timeout=60)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise LabkitError(f"The kubeconfig's credential plugin {self.command!r} could not run: {exc}.",
+                              hint=self.spec.get("installHint") or "Install it, or log in again.") from None  # fmt: skip
+        if done.returncode != 0:
+            raise LabkitError(f"The kubeconfig's credential plugin {self.command!r} failed: "
+                              f"{done.stderr.strip()[-500:] or done.returncode}", hint="Log in again, then rerun the cell.")  # fmt: skip
+        try:
+            return json.loads(done.stdout).get("status") or {}
+        except ValueError:
+            raise LabkitError(f"The kubeconfig's credential plugin {self.command!r} printed no ExecCredential.") from None
+
+    def _token(self) -> tuple[str | None, float]:
+        status = self._status if self._status is not None else self._run()
+        self._status = None
+        expires = status.get("expirationTimestamp")
+        until = dt.datetime.fromisoformat(expires.replace("Z", "+00:00")).timestamp() - 30 if expires else float("inf")
+        return status.get("token"), until
+
+    def certificate(self) -> tuple[bytes, bytes] | None:
+        """The client certificate and key the plugin gives, if it gives one (kept for the first token)."""
+        self._status = self._run()
+        certificate, key = self._status.get("clientCertificateData"), self._status.get("clientKeyData")
+        return (certificate.encode(), key.encode()) if certificate and key else None
 
 
 def sandbox_cluster(name: str = "default", *, say: Callable[[str], None] = print) -> Cluster:
@@ -237,7 +366,7 @@ def sandbox_cluster(name: str = "default", *, say: Callable[[str], None] = print
     versions = config.get("versions", {})
     kube = next((v for k, v in versions.items() if "kubernetes" in k), "")
     description = f"the local sandbox {name!r} (Kubernetes {kube}, {config.get('nodes', 0)} nodes)"
-    return _kubeconfig_cluster(sandbox.state.kubeconfig, sandbox=name, description=description)
+    return from_kubeconfig(sandbox.state.kubeconfig, sandbox=name, description=description, source="sandbox")
 
 
 def sandbox_of(path: Path | None) -> str | None:

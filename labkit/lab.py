@@ -24,7 +24,6 @@ import re
 import secrets
 import shlex
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -319,7 +318,7 @@ class Lab:
                     line.finish(f"{target}: {summary} after {timeout:.0f} s", ok=False)
                     raise LabkitError(f"{target} was not ready after {timeout:.0f} s ({summary}).", hint=self._diagnose(target))
                 line.update(f"{target}: {summary}" + (f" — {problem}" if problem else "") + f" ({elapsed:.0f} s)")
-                time.sleep(0.2)
+                time.sleep(0.1)
         except KeyboardInterrupt:
             line.finish(f"{target}: {summary} (interrupted)", ok=False)
             raise LabkitError(
@@ -414,23 +413,26 @@ class Lab:
         return self._http_via_apiserver(pod, port, path, timeout)
 
     def _http_via_node(self, node: dict, pod: dict, port: int, path: str, timeout: float) -> Response:
-        """Through the sandbox node's own kubelet API, which connects from inside the pod's network."""
+        """Through the sandbox node's own kubelet API, which connects from inside the pod's network (the
+        node's serving certificate is the cluster CA's, for 127.0.0.1; the lab's credentials are the admin's)."""
         endpoint = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
-        config = self.cluster.api.configuration
-        context = ssl.create_default_context(cafile=config.ssl_ca_cert)
-        context.check_hostname = False  # the node serves for its name and 127.0.0.1; reached here by address
-        if config.cert_file:
-            context.load_cert_chain(config.cert_file, config.key_file)
         meta = pod["metadata"]
         url = f"https://127.0.0.1:{endpoint}/labkit/proxy/{meta['namespace']}/{meta['name']}/{port}/{path.lstrip('/')}"
-        return _fetch(urllib.request.Request(url), context, timeout)
+        request = urllib.request.Request(url, headers=self.cluster.api.headers("*/*"))
+        try:
+            with urllib.request.urlopen(request, context=self.cluster.api.context, timeout=timeout) as answer:
+                return Response(answer.status, answer.read().decode(errors="replace"), dict(answer.headers))
+        except urllib.error.HTTPError as exc:
+            return Response(exc.code, exc.read().decode(errors="replace"), dict(exc.headers or {}))
+        except (urllib.error.URLError, OSError) as exc:
+            raise LabkitError(f"The pod could not be reached: {getattr(exc, 'reason', exc)}.") from None
 
     def _http_via_apiserver(self, pod: dict, port: int, path: str, timeout: float) -> Response:
         """Through the API server's pods/proxy, as on any real cluster."""
         meta = pod["metadata"]
         api_path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}:{port}/proxy/{path.lstrip('/')}"
-        answer = self.cluster.send("GET", api_path, timeout=timeout)
-        return Response(answer.status, answer.read().decode(errors="replace"), dict(answer.headers))
+        status, body = self.cluster.send("GET", api_path, timeout=timeout)
+        return Response(status, body.decode(errors="replace"))
 
     # -- watching ---------------------------------------------------------------------------
 
@@ -441,16 +443,6 @@ class Lab:
         view = LiveView(self)
         self.views.append(view)
         return view.widget
-
-
-def _fetch(request: urllib.request.Request, context: ssl.SSLContext, timeout: float) -> Response:
-    try:
-        with urllib.request.urlopen(request, context=context, timeout=timeout) as answer:
-            return Response(answer.status, answer.read().decode(errors="replace"), dict(answer.headers))
-    except urllib.error.HTTPError as exc:
-        return Response(exc.code, exc.read().decode(errors="replace"), dict(exc.headers or {}))
-    except (urllib.error.URLError, OSError) as exc:
-        raise LabkitError(f"The pod could not be reached: {getattr(exc, 'reason', exc)}.") from None
 
 
 def _event_time(event: dict) -> str:

@@ -6,11 +6,14 @@ would, against a one-node sandbox that ``$KUBECONFIG`` points at.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
+from pathlib import Path
 
 import pytest
-from conftest import eventually, kubectl_json, module_cluster
+import yaml
+from conftest import eventually, kubectl, kubectl_json, module_cluster
 
 import labkit
 from labkit import checks
@@ -160,3 +163,42 @@ def test_without_a_cluster_setting_a_named_sandbox_is_used(cluster: Sandbox, mon
     monkeypatch.setenv("LABKIT_CLUSTER", "the-moon")
     with pytest.raises(labkit.LabkitError, match="not a way to find a cluster"):
         labkit.start_lab("sandbox-choice", fresh=True)
+
+
+def test_a_trainee_account_works_in_its_own_namespace_with_a_token_or_a_plugin(
+        cluster: Sandbox, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # fmt: skip
+    # As on JupyterHub: a service account that may do anything in its namespace and nothing else.
+    kubectl(cluster, "create", "namespace", "trainee-ann")
+    kubectl(cluster, "-n", "trainee-ann", "create", "serviceaccount", "ann")
+    kubectl(cluster, "-n", "trainee-ann", "create", "rolebinding", "ann", "--clusterrole=admin",
+            "--serviceaccount=trainee-ann:ann")  # fmt: skip
+    token = kubectl(cluster, "-n", "trainee-ann", "create", "token", "ann").stdout.strip()
+    admin = yaml.safe_load(cluster.state.kubeconfig.read_text())
+    server = admin["clusters"][0]["cluster"]
+    plugin = tmp_path / "login.sh"
+    plugin.write_text("#!/bin/sh\necho '" + json.dumps({"apiVersion": "client.authentication.k8s.io/v1",
+                      "kind": "ExecCredential", "status": {"token": token}}) + "'\n")  # fmt: skip
+    plugin.chmod(0o755)
+    (tmp_path / "token").write_text(token)
+    users = {"token": {"token": token}, "token-file": {"tokenFile": "token"},
+             "plugin": {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": "./login.sh",
+                                "interactiveMode": "Never"}}}
+    for way, user in users.items():
+        kubeconfig = tmp_path / f"{way}.kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "class",
+            "clusters": [{"name": "class", "cluster": server}], "users": [{"name": "ann", "user": user}],
+            "contexts": [{"name": "class", "context": {"cluster": "class", "user": "ann", "namespace": "trainee-ann"}}],
+        }))  # fmt: skip
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.setenv("LABKIT_CLUSTER", "kubeconfig")
+        lab = labkit.start_lab(f"shared-{way}", fresh=True)
+        assert lab.shared and lab.namespace == "trainee-ann", way
+        lab.apply(f"apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: notes-{way}}}\ndata: {{a: b}}\n")
+        assert "notes-" + way in lab.kubectl("get configmaps -o name", show=False)
+        with pytest.raises(labkit.LabkitError, match="forbidden"):
+            lab.nodes()  # the account may not see the cluster's nodes
+        lab.close(quiet=True)
+        names = [c["metadata"]["name"] for c in kubectl_json(cluster, "-n", "trainee-ann", "get", "configmaps")["items"]]
+        assert f"notes-{way}" not in names, f"{way}: closing the lab leaves what it made"
+        assert "kube-root-ca.crt" in names  # and nothing else of the namespace's goes

@@ -1,9 +1,12 @@
-"""A very small Kubernetes API client for the sandbox's own processes.
+"""A very small Kubernetes API client, for labkit's own processes and for notebooks.
 
 The node agent speaks to the API server as each of its nodes (``system:node:NAME``),
 so that the Node authorizer and the NodeRestriction admission plugin judge it
-exactly as they judge a kubelet. It needs a handful of JSON requests, which this
-does with the standard library, keeping the agent's memory small.
+exactly as they judge a kubelet; a lab notebook speaks to it with whatever its
+kubeconfig or service account gives (``labkit.cluster``). Both need a handful of
+JSON requests and watches, which this does with the standard library: the agent's
+memory stays small, and a notebook's kernel starts without importing a large
+generated client.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
@@ -45,21 +49,29 @@ class APIError(Exception):
 
 
 class KubeAPI:
-    """Client-certificate access to one API server.
+    """Access to one API server with a client certificate or a bearer token.
 
     Requests reuse kept-alive connections from a small pool shared by all threads: the
     agent's pod workers make a few small requests each, and a TLS handshake for each
     request (or for each new worker) would cost more than the requests themselves.
+    ``token`` is called before each request (a rotating service-account token, an exec
+    plugin's cached credential); ``context`` replaces the TLS set-up (ca, cert, key).
     """
 
     POOL = 8  # idle connections kept
 
-    def __init__(self, server: str, ca: Path, cert: Path, key: Path) -> None:
+    def __init__(self, server: str, ca: Path | None = None, cert: Path | None = None, key: Path | None = None, *,
+                 token: Callable[[], str | None] | None = None, context: ssl.SSLContext | None = None) -> None:  # fmt: skip
         self.server = server.rstrip("/")
-        self.context = ssl.create_default_context(cafile=str(ca))
-        self.context.load_cert_chain(str(cert), str(key))
+        if context is None:
+            context = ssl.create_default_context(cafile=str(ca) if ca else None)
+            if cert is not None:
+                context.load_cert_chain(str(cert), str(key))
+        self.context = context
+        self.token = token
         parsed = urllib.parse.urlsplit(self.server)
         self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 443
+        self.prefix = parsed.path.rstrip("/")  # a server URL may have a path (a proxy in front of the API)
         self._idle: list[http.client.HTTPSConnection] = []
         self._pool_lock = threading.Lock()
 
@@ -80,20 +92,31 @@ class KubeAPI:
                 return
         conn.close()
 
-    def request(
-        self, method: str, path: str, body: dict | None = None, *, content_type: str = "application/json",
-        timeout: float = 10.0,
-    ) -> dict:  # fmt: skip
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Accept": "application/json"}
+    def headers(self, accept: str = "application/json") -> dict[str, str]:
+        headers = {"Accept": accept}
+        token = self.token() if self.token else None
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    @staticmethod
+    def _target(path: str, query: dict[str, str] | None) -> str:
+        return f"{path}{'&' if '?' in path else '?'}{urllib.parse.urlencode(query)}" if query else path
+
+    def send(self, method: str, path: str, body: dict | bytes | None = None, *, content_type: str = "application/json",
+             query: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, bytes]:  # fmt: skip
+        """One request, whatever the answer: its status and body. A dead connection is retried once."""
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        headers = self.headers("application/json, */*")
         if data is not None:
             headers["Content-Type"] = content_type
+        target = self.prefix + self._target(path, query)
         for attempt in (1, 2):
             conn = self._connection(timeout)
             try:
-                conn.request(method, path, body=data, headers=headers)
+                conn.request(method, target, body=data, headers=headers)
                 response = conn.getresponse()
-                text = response.read().decode()
+                answer = response.read()
                 break
             except (http.client.HTTPException, ConnectionError, ssl.SSLError) as exc:
                 conn.close()  # a kept-alive connection the server closed: once more on a fresh one
@@ -103,14 +126,22 @@ class KubeAPI:
                 conn.close()
                 raise
         self._release(conn)
-        if response.status >= 400:
-            raise APIError(response.status, text)
+        return response.status, answer
+
+    def request(
+        self, method: str, path: str, body: dict | None = None, *, content_type: str = "application/json",
+        query: dict[str, str] | None = None, timeout: float = 10.0,
+    ) -> dict:  # fmt: skip
+        status, answer = self.send(method, path, body, content_type=content_type, query=query, timeout=timeout)
+        text = answer.decode(errors="replace")
+        if status >= 400:
+            raise APIError(status, text)
         return json.loads(text) if text else {}
 
-    def stream(self, path: str, timeout: float = 90.0):  # noqa: ANN201 - a generator of dicts
+    def stream(self, path: str, timeout: float = 90.0, query: dict[str, str] | None = None):  # noqa: ANN201
         """The events of a watch request, one JSON object per line, until the server ends it."""
-        request = urllib.request.Request(self.server + path, method="GET")
-        request.add_header("Accept", "application/json")
+        request = urllib.request.Request(self.server + self._target(path, query), method="GET",
+                                         headers=self.headers())  # fmt: skip
         try:
             with urllib.request.urlopen(request, timeout=timeout, context=self.context) as response:
                 for line in response:
