@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import datetime as dt
 import json
 import os
 import re
@@ -374,18 +375,21 @@ class Lab:
     def event_list(self) -> list[dict]:
         """The lab namespace's Events, oldest first."""
         items = self.request("GET", f"/api/v1/namespaces/{self.namespace}/events").get("items", [])
-        return sorted(items, key=_event_time)
+        # Most timestamps are whole seconds: within a second, the order the API server stored them in.
+        return sorted(items, key=lambda e: (int(_event_time(e)), int(e["metadata"].get("resourceVersion") or 0)))
 
     def events(self, last: int | None = 30) -> None:
-        """Show the lab's Events as a timeline: the ``last`` ones (None for all). ``event_list`` returns them."""
+        """Show the lab's Events as a timeline: the ``last`` ones (None for all), with the clock time and the
+        seconds since the first of them. ``event_list`` returns them."""
         items = self.event_list()
         shown = items[-last:] if last else items
-        origin = _parse_time(_event_time(items[0])) if items else 0.0
-        rows = [(f"+{_parse_time(_event_time(e)) - origin:.0f}s", e.get("type", ""), e.get("reason", ""),
+        origin = _event_time(shown[0]) if shown else 0.0
+        rows = [(time.strftime("%H:%M:%S", time.localtime(_event_time(e))), f"+{_event_time(e) - origin:.0f}s",
+                 e.get("type", ""), e.get("reason", ""),
                  f"{e['involvedObject'].get('kind', '').lower()}/{e['involvedObject'].get('name', '')}",
-                 (e.get("message") or "").strip()[:160] + (f" (x{e['count']})" if e.get("count", 1) > 1 else ""))
+                 (e.get("message") or "").strip()[:160] + (f" (x{e['count']})" if (e.get("count") or 1) > 1 else ""))
                 for e in shown]  # fmt: skip
-        display.table(rows, ["when", "type", "reason", "object", "message"])
+        display.table(rows, ["time", "since", "type", "reason", "object", "message"])
 
     # -- reaching a pod ---------------------------------------------------------------------
 
@@ -445,17 +449,12 @@ class Lab:
         return view.widget
 
 
-def _event_time(event: dict) -> str:
-    return event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp") or \
+def _event_time(event: dict) -> float:
+    """When an Event last happened, in seconds: kubelets and controllers set lastTimestamp (whole seconds),
+    the scheduler sets eventTime (microseconds)."""
+    stamp = event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp") or \
         event["metadata"].get("creationTimestamp", "")
-
-
-def _parse_time(stamp: str) -> float:
-    import datetime as dt
-
-    if not stamp:
-        return 0.0
-    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() if stamp else 0.0
 
 
 def _owner() -> str:
