@@ -171,7 +171,7 @@ def cmd_course_collect(args: argparse.Namespace) -> int:
 
 def cmd_course_autograde(args: argparse.Namespace) -> int:
     results = _course(args).autograde(args.lab, [Path(p) for p in args.submissions] or None, cluster=args.cluster,
-                                      say=_say)  # fmt: skip
+                                      parallel=args.parallel, say=_say)  # fmt: skip
     _score_table(results)
     return 0
 
@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("submissions", nargs="*", help="notebooks, or folders named after trainees (default: all collected)")
     p.add_argument("--cluster", choices=("sandbox", "kubeconfig"), default="sandbox",
                    help="a fresh local sandbox named 'grading' (default), or the cluster $KUBECONFIG points at")
+    p.add_argument("--parallel", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                   help="grade N submissions at a time (default: %(default)s, this machine's CPUs up to 4)")
     step("feedback", "write each trainee's graded notebook as HTML feedback", cmd_course_feedback, exchange=True)
     step("scores", "show the gradebook's scores of a lab", cmd_course_scores)
     return parser

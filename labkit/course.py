@@ -20,10 +20,15 @@ nbgrader calls ``alembic`` by name, so this Python's ``bin`` goes first on PATH.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import queue
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -176,9 +181,10 @@ class Course:
         folder = self.root / "submitted"
         return sorted(p.name for p in folder.iterdir() if (p / lab).is_dir()) if folder.is_dir() else []
 
-    def autograde(self, lab: str, paths: list[Path] | None = None, *, cluster: str = "sandbox",
+    def autograde(self, lab: str, paths: list[Path] | None = None, *, cluster: str = "sandbox", parallel: int = 1,
                   say: Callable[[str], None] = print) -> list[Result]:  # fmt: skip
-        """Grade ``lab``'s submissions (those given, else all submitted) against a fresh cluster."""
+        """Grade ``lab``'s submissions (those given, else all submitted) against a fresh cluster, ``parallel``
+        at a time (each lab run waits on its cluster more than it computes, so a few at once finish sooner)."""
         lab = self._lab(lab)
         if not (self.root / "release" / lab).exists() or not self._in_gradebook(lab):
             self.release(lab, say=say)
@@ -186,22 +192,55 @@ class Course:
         if not students:
             raise LabkitError(f"No submissions of {lab} to grade.",
                               hint=f"Pass them: `labkit course autograde {lab} alice.ipynb bob/ ...`, or collect them.")  # fmt: skip
+        parallel = max(1, min(parallel, len(students)))
         results = []
         with grading_cluster(cluster, say=say):
-            for number, student in enumerate(students, 1):
-                say(f"[{number}/{len(students)}] grading {student}...")
-                started = time.monotonic()
-                outcome = self.api.autograde(lab, student, force=True, create=True)
+            say(f"grading {len(students)} submission{'s' if len(students) > 1 else ''} of {lab}"
+                + (f", {parallel} at a time" if parallel > 1 else "") + "...")
+            graded = self._grade_here(lab, students) if parallel == 1 else self._grade_in_workers(lab, students, parallel)
+            for number, (student, seconds, error) in enumerate(graded, 1):
                 result = self.score(lab, student)
-                result.seconds = time.monotonic() - started
-                if not outcome.get("success"):
-                    text = (outcome.get("error") or outcome.get("log") or "").strip()
-                    result.error = text.splitlines()[-1] if text else "failed"
+                result.seconds, result.error = seconds, error
                 results.append(result)
                 failed = f"; not passed: {', '.join(result.failed)}" if result.failed else ""
-                say(f"    {student}: {result.score:g}/{result.max_score:g} in {result.seconds:.1f} s{failed}"
-                    + (f" (nbgrader: {result.error})" if result.error else ""))
+                say(f"[{number}/{len(students)}] {student}: {result.score:g}/{result.max_score:g} in {seconds:.1f} s"
+                    f"{failed}" + (f" (nbgrader: {error})" if error else ""))  # fmt: skip
         return results
+
+    def _grade_here(self, lab: str, students: list[str]) -> Iterator[tuple[str, float, str]]:
+        """Grade in this process, one after another: (student, seconds, nbgrader's error) as each is done."""
+        for student in students:
+            started = time.monotonic()
+            outcome = self.api.autograde(lab, student, force=True, create=True)
+            yield student, time.monotonic() - started, _failure(outcome)
+
+    def _grade_in_workers(self, lab: str, students: list[str], workers: int) -> Iterator[tuple[str, float, str]]:
+        """Grade ``workers`` shares of the students at once: one here, the others each in a process of its
+        own (``python -m labkit.course``); they share the gradebook, whose writes are short. Yields as each
+        submission is done."""
+        shares = [students[i::workers] for i in range(workers)]
+        done: queue.Queue[tuple[str, float, str] | None] = queue.Queue()
+        for share in shares[1:]:
+            log = tempfile.TemporaryFile(mode="w+")
+            proc = subprocess.Popen([sys.executable, "-m", "labkit.course", str(self.root), str(self.source), lab, *share],
+                                    stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
+            threading.Thread(target=_relay, args=(proc, share, log, done), daemon=True).start()
+        running = len(shares) - 1
+        for item in self._grade_here(lab, shares[0]):
+            yield item
+            while True:  # what the workers finished meanwhile
+                try:
+                    other = done.get_nowait()
+                except queue.Empty:
+                    break
+                running -= other is None
+                if other is not None:
+                    yield other
+        while running:
+            other = done.get()
+            running -= other is None
+            if other is not None:
+                yield other
 
     def _in_gradebook(self, lab: str) -> bool:
         from nbgrader.api import Gradebook, MissingEntry
@@ -238,6 +277,43 @@ class Course:
             self._run(f"return feedback for {lab}", lambda: self.api.release_feedback(lab))
             say(f"{lab}: feedback returned through the exchange")
         return self.root / "feedback"
+
+
+def _failure(outcome: dict) -> str:
+    """nbgrader's own error for a submission it could not grade (the last line of its message), or ""."""
+    if outcome.get("success"):
+        return ""
+    text = (outcome.get("error") or outcome.get("log") or "").strip()
+    return text.splitlines()[-1] if text else "failed"
+
+
+def _relay(proc: subprocess.Popen, share: list[str], log: Any, done: queue.Queue) -> None:
+    """Pass a worker's results on as they come; a worker that dies marks what it did not grade."""
+    graded = set()
+    for line in proc.stdout:
+        student, seconds, error = json.loads(line)
+        graded.add(student)
+        done.put((student, seconds, error))
+    proc.wait()
+    if proc.returncode != 0:
+        log.seek(0)
+        tail = log.read().strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        for student in share:
+            if student not in graded:
+                done.put((student, 0.0, f"grading process failed: {tail[0]}"))
+    log.close()
+    done.put(None)
+
+
+def _worker(argv: list[str]) -> int:
+    """``python -m labkit.course ROOT SOURCE LAB STUDENT...``: grade those students, a JSON line for each."""
+    root, source, lab, *students = argv
+    course = Course(Path(root), Path(source))
+    for student in students:
+        started = time.monotonic()
+        outcome = course.api.autograde(lab, student, force=True, create=True)
+        print(json.dumps([student, time.monotonic() - started, _failure(outcome)]), flush=True)
+    return 0
 
 
 @contextlib.contextmanager
@@ -284,3 +360,7 @@ def _nbgrader_on_path() -> None:
     path = os.environ.get("PATH", "")
     if path.split(os.pathsep)[0] != folder:
         os.environ["PATH"] = folder + os.pathsep + path
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))

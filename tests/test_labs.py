@@ -120,12 +120,13 @@ def test_autograding_scores_what_each_submission_did(course: Course, cluster: Sa
                                                        "task2-answer": "lab.apply('kind: [not, a, manifest')"}),
     ]
     log: list[str] = []
-    results = {r.student: r for r in course.autograde(lab, submissions, say=log.append)}
+    results = {r.student: r for r in course.autograde(lab, submissions, parallel=2, say=log.append)}
     assert {s: (r.score, r.max_score) for s, r in results.items()} == {
         "blank": (0, full), "complete": (full, full), "first-task": (3, full), "raises": (3, full),
     }, "\n".join(log)
     assert results["raises"].failed == ["task2-check", "task3-check", "task4-check", "task5-check"]
-    assert any("[4/4] grading raises" in line for line in log)
+    assert "grading 4 submissions of 01-deploy-and-scale, 2 at a time..." in log
+    assert sorted(line.split("]")[0] for line in log if line.startswith("[")) == [f"[{n}/4" for n in range(1, 5)]
     # Graded against a fresh sandbox of its own, which it leaves running for a look; the trainees'
     # namespaces are gone.
     grading = Sandbox("grading")
