@@ -290,19 +290,24 @@ def _failure(outcome: dict) -> str:
 def _relay(proc: subprocess.Popen, share: list[str], log: Any, done: queue.Queue) -> None:
     """Pass a worker's results on as they come; a worker that dies marks what it did not grade."""
     graded = set()
-    for line in proc.stdout:
-        student, seconds, error = json.loads(line)
-        graded.add(student)
-        done.put((student, seconds, error))
-    proc.wait()
-    if proc.returncode != 0:
-        log.seek(0)
-        tail = log.read().strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        for student in share:
-            if student not in graded:
-                done.put((student, 0.0, f"grading process failed: {tail[0]}"))
-    log.close()
-    done.put(None)
+    try:
+        for line in proc.stdout:
+            try:
+                student, seconds, error = json.loads(line)
+            except ValueError:
+                continue  # something else printed on the worker's stdout
+            graded.add(student)
+            done.put((student, seconds, error))
+        proc.wait()
+        if proc.returncode != 0 or len(graded) < len(share):
+            log.seek(0)
+            tail = log.read().strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+            for student in share:
+                if student not in graded:
+                    done.put((student, 0.0, f"grading process failed: {tail[0]}"))
+    finally:
+        log.close()
+        done.put(None)
 
 
 def _worker(argv: list[str]) -> int:

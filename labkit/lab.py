@@ -55,7 +55,6 @@ def start_lab(lab_id: str, *, fresh: bool = False, cluster: Cluster | None = Non
             lab.say(f"Lab {lab_id} goes on in namespace {lab.namespace} on {lab.cluster.description}.")
             return lab
         lab.say(f"The lab's namespace {lab.namespace} is gone (deleted); starting again in a new one.")
-        fresh = True
     if lab is not None:
         lab.close(quiet=True)
     lab = Lab(lab_id, cluster or connect())
