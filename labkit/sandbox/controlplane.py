@@ -28,8 +28,9 @@ from labkit.errors import LabkitError
 from labkit.progress import Progress, format_duration
 from labkit.sandbox import binaries, procs
 from labkit.sandbox.binaries import Toolset
+from labkit.sandbox.kubeapi import APIError, KubeAPI
 from labkit.sandbox.node import namespaces
-from labkit.sandbox.pki import SERVICE_CIDR
+from labkit.sandbox.pki import CLUSTER_DNS_IP, KUBERNETES_SERVICE_IP, SERVICE_CIDR
 from labkit.sandbox.state import DEFAULT_NAME, SandboxState, port_lock, ports_of_others
 from labkit.sandbox.versions import pins
 
@@ -304,9 +305,12 @@ class Sandbox:
         markers.mkdir(parents=True, exist_ok=True)
         for marker in markers.glob("*.stopped"):  # a fresh start powers every node on
             marker.unlink()
+        proxy = pki.ensure_proxy()
         (self.state.run / "nodes.json").write_text(json.dumps({
             "server": self.server(config), "ca": str(self.state.pki.cert("ca")),
             "version": pins().kubernetes.version, "nodes": nodes,
+            "proxy": {"cert": str(pki.cert(proxy)), "key": str(pki.key(proxy))},
+            "service_cidr": SERVICE_CIDR, "kubernetes_ip": KUBERNETES_SERVICE_IP, "dns_ip": CLUSTER_DNS_IP,
         }, indent=2))  # fmt: skip
 
     def _start_supervisor(self) -> None:
@@ -372,15 +376,33 @@ class Sandbox:
         without which no Pod can be created in that namespace."""
         return self.api_get(config, "/api/v1/namespaces/default/serviceaccounts/default", timeout=1.0)[0] == 200
 
+    def _ensure_addons(self, config: dict) -> None:
+        """The add-on Services a cluster has and the node agent serves: ``kube-dns`` in ``kube-system``, on the
+        ClusterIP that pods' resolv.conf names (selector-less: the agent answers on it itself)."""
+        pki = self.state.pki
+        api = KubeAPI(self.server(config), pki.cert("ca"), pki.cert("admin"), pki.key("admin"))
+        labels = {"k8s-app": "kube-dns", "kubernetes.io/name": "CoreDNS", "kubernetes.io/cluster-service": "true"}
+        body = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kube-dns", "namespace": "kube-system",
+                                                                  "labels": labels},
+                "spec": {"clusterIP": CLUSTER_DNS_IP, "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
+                                                                {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}}  # fmt: skip
+        if api.get("/api/v1/namespaces/kube-system/services/kube-dns") is not None:
+            return
+        try:
+            api.request("POST", "/api/v1/namespaces/kube-system/services", body)
+        except APIError as exc:
+            if exc.status != 409:  # made meanwhile
+                raise LabkitError(f"The sandbox could not create the kube-dns Service: {exc}") from None
+
     def ready_nodes(self, config: dict) -> set[str]:
-        """The sandbox's nodes whose Ready condition is True."""
+        """The sandbox's nodes whose Ready condition is True and that have their pod address range."""
         status, body = self.api_get(config, "/api/v1/nodes", timeout=2.0)
         if status != 200:
             return set()
         ready = set()
         for node in json.loads(body).get("items", []):
             for condition in node.get("status", {}).get("conditions", []):
-                if condition["type"] == "Ready" and condition["status"] == "True":
+                if condition["type"] == "Ready" and condition["status"] == "True" and node["spec"].get("podCIDR"):
                     ready.add(node["metadata"]["name"])
         return ready
 
@@ -412,6 +434,8 @@ class Sandbox:
             for check in list(pending):
                 if check == "controllers":
                     ok = pending[0] == "controllers" and self._controllers_working(config)
+                    if ok:
+                        self._ensure_addons(config)
                 elif check == "nodes":
                     ok = pending[0] == "nodes" and self._nodes_ready(config)
                 else:

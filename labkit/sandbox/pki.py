@@ -38,6 +38,7 @@ CA_DAYS = 3650
 LEAF_DAYS = 365
 SERVICE_CIDR = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"  # the first address of SERVICE_CIDR
+CLUSTER_DNS_IP = "10.96.0.10"  # the kube-dns Service's, as kubeadm makes it
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,11 @@ class PKI:
         """A node's client certificate, ``system:node:NAME`` in ``system:nodes`` (as kubelet TLS
         bootstrap would obtain); returns its file stem."""
         return self._ensure_issued(CertSpec(f"nodes/{node}", "ca", f"system:node:{node}", "system:nodes", client=True))
+
+    def ensure_proxy(self) -> str:
+        """kube-proxy's client certificate (``system:kube-proxy``, whom the default RBAC lets watch Services
+        and EndpointSlices), for the agent's service proxy; returns its file stem."""
+        return self._ensure_issued(CertSpec("kube-proxy", "ca", "system:kube-proxy", client=True))
 
     def ensure_node_serving(self, node: str) -> str:
         """A node's serving certificate for its kubelet API (logs), returns its file stem.

@@ -27,16 +27,23 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from labkit.sandbox import procs
 from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, KubeAPI, api_micro_time, api_time, kubelet_event
+from labkit.sandbox.node import namespaces
+from labkit.sandbox.node.dns import ClusterDNS
+from labkit.sandbox.node.forward import Forwards
+from labkit.sandbox.node.network import Networking, PodNetwork
+from labkit.sandbox.node.services import ServiceProxy
 from labkit.sandbox.node.pods import PodSource
 from labkit.sandbox.node.server import NodeServer
 
@@ -70,7 +77,7 @@ class NodeHeartbeat(threading.Thread):
     """Registration, lease renewal and status of one node."""
 
     def __init__(self, spec: NodeSpec, server: str, ca: Path, version: str, run_dir: Path,
-                 stopping: threading.Event) -> None:  # fmt: skip
+                 stopping: threading.Event, networking: Networking | None = None) -> None:  # fmt: skip
         super().__init__(name=f"node-{spec.name}", daemon=True)
         self.spec = spec
         self.api = KubeAPI(server, ca, Path(spec.cert), Path(spec.key))
@@ -81,9 +88,10 @@ class NodeHeartbeat(threading.Thread):
         self.last_status = 0.0
         self.uid: str | None = None
         self.pods = PodSource(spec.name, self.api, run_dir.parent / "pods" / spec.name, stopping, _log,
-                              allocatable={"cpu": spec.cpu, "memory": spec.memory})
+                              allocatable={"cpu": spec.cpu, "memory": spec.memory}, networking=networking)
         self.kubelet_api = NodeServer(spec.name, spec.port, Path(spec.serving_cert), Path(spec.serving_key), ca,
-                                      self.pods.current, _log) if spec.port else None  # fmt: skip
+                                      self.pods.current, _log, networking.forwards if networking else None,
+                                      ) if spec.port else None  # fmt: skip
 
     # -- the node object ---------------------------------------------------------------------
 
@@ -245,8 +253,10 @@ def main() -> int:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    networking = start_network(config, stopping)
     threads = [
-        NodeHeartbeat(NodeSpec(**node), config["server"], Path(config["ca"]), config["version"], root / "run", stopping)
+        NodeHeartbeat(NodeSpec(**node), config["server"], Path(config["ca"]), config["version"], root / "run", stopping,
+                      networking)  # fmt: skip
         for node in config["nodes"]
     ]
     for thread in threads:
@@ -263,8 +273,36 @@ def main() -> int:
         thread.pods.stop_all()
     for worker in workers:
         worker.finished.wait(10)
+    if networking is not None:
+        networking.network.stop()
     _kill_leftovers(root)
     return 0
+
+
+def start_network(config: dict, stopping: threading.Event) -> Networking | None:
+    """The pod network all the agent's nodes share, with its Services, DNS and forwards; None (said in the
+    log) where pods cannot have one."""
+    if not namespaces.available():
+        _log("no pod network: this machine refuses the agent Linux namespaces, so pods share its network")
+        return None
+    network = PodNetwork(_log)
+    if not network.start():
+        _log(f"no pod network: {network.problem}; pods share the machine's network")
+        return None
+    if not shutil.which("nft"):
+        _log("no pod network: nft (nftables) is not installed, and Services need it")
+        network.stop()
+        return None
+    kubernetes_ip, dns_ip = config["kubernetes_ip"], config["dns_ip"]
+    network.add_services(config["service_cidr"], kubernetes_ip, dns_ip)
+    api = KubeAPI(config["server"], Path(config["ca"]), Path(config["proxy"]["cert"]), Path(config["proxy"]["key"]))
+    proxy = ServiceProxy(api, network, config["service_cidr"], {kubernetes_ip, dns_ip}, _log, stopping)
+    proxy.start()
+    ClusterDNS(proxy, dns_ip, network.pid, _log).start()
+    server = urllib.parse.urlsplit(config["server"])
+    forwards = Forwards(proxy, network.pid, (server.hostname or "127.0.0.1", server.port or 443), kubernetes_ip, _log)
+    _log(f"pod network ready (held by process {network.pid}); Services, DNS on {dns_ip}")
+    return Networking(network, proxy, forwards, dns_ip)
 
 
 def _kill_leftovers(root: Path) -> None:

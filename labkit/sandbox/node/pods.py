@@ -30,6 +30,8 @@ from labkit.sandbox import procs
 from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, EventSink, KubeAPI, ObjectCache, api_time, kubelet_event
 from labkit.sandbox.node import cpuweight, envvars, images, launch, namespaces, probes, quantity, usage
 from labkit.sandbox.node.logs import ContainerLog
+from labkit.sandbox.node.dns import pod_files
+from labkit.sandbox.node.network import NetworkError, Networking
 from labkit.sandbox.node.volumes import MountError, PodVolumes
 
 BACKOFF_START = 10.0  # the kubelet's CrashLoopBackOff: 10 s, doubling, at most 5 min
@@ -88,19 +90,19 @@ class Container:
 class PodWorker(threading.Thread):
     """Drives one pod toward its spec and reports its status."""
 
-    def __init__(self, pod: dict, api: KubeAPI, node: str, workdir: Path, log, allocatable: dict,  # noqa: ANN001
-                 isolated: bool, events: EventSink, objects: ObjectCache) -> None:  # fmt: skip
+    def __init__(self, pod: dict, source: PodSource, workdir: Path) -> None:
         meta = pod["metadata"]
         super().__init__(name=f"pod-{meta['namespace']}-{meta['name']}", daemon=True)
         self.pod = pod
-        self.api = api
-        self.node = node
+        self.source = source  # the node's: its API client, events, caches, network
+        self.api = source.api
+        self.node = source.node
         self.workdir = workdir
-        self.log = log
-        self.allocatable = allocatable
-        self.isolated = isolated
-        self.events = events
-        self.objects = objects
+        self.log = source.log
+        self.allocatable = source.allocatable
+        self.isolated = source.isolated
+        self.events = source.events
+        self.objects = source.objects
         self.lock = threading.Lock()
         spec = pod["spec"]
         self.init_containers = [Container(c, init=True) for c in spec.get("initContainers", [])]
@@ -108,11 +110,13 @@ class PodWorker(threading.Thread):
         self.containers = [Container(c) for c in spec.get("containers", [])]
         for c in self.containers:
             c.state = dict(waiting or c.state)
-        self.volumes = PodVolumes(pod, workdir / "volumes", self._lookup, self._token, allocatable)
+        self.volumes = PodVolumes(pod, workdir / "volumes", self._lookup, self._token, self.allocatable)
         self.mounted = False
         self.mount_error = ""
         self.pause: subprocess.Popen | None = None  # holds the pod's network and UTS namespaces
         self.pause_ready = False  # its namespaces are made
+        self.ip: str | None = None  # its address on the pod network
+        self.network_error = ""
         self.start_time = api_time()
         self.finished = threading.Event()
         self.last_reported: str | None = None
@@ -209,11 +213,13 @@ class PodWorker(threading.Thread):
             self.event("FailedSync", f"labkit node agent error: {exc}", kind="Warning")
         finally:
             self._kill_all()
+            if self.source.networking is not None:
+                self.source.networking.network.release(self.pod["metadata"]["uid"])
             self.finished.set()
 
     def _sync(self) -> None:
         self._spawn_pause()  # it makes the pod's namespaces while the volumes are set up
-        if not self._mount() or not self._sandbox():
+        if not self._mount() or not self._sandbox() or not self._network():
             return
         self.volumes.refresh()
         policy = self.pod["spec"].get("restartPolicy", "Always")
@@ -248,6 +254,7 @@ class PodWorker(threading.Thread):
             self._kill_all()
             self.pause = None
         self.pause_ready = False
+        self.ip = None  # its network went with its namespaces: joined again, at the same address
         folder = self.workdir / "containers"
         folder.mkdir(parents=True, exist_ok=True)
         try:
@@ -276,6 +283,44 @@ class PodWorker(threading.Thread):
                    f"made (pause process exit code {self.pause.poll()})", kind="Warning")  # fmt: skip
         _signal_group(self.pause, signal.SIGKILL)
         return False
+
+    def _network(self) -> bool:
+        """The pod's address on the pod network (given once its namespaces exist); False while it waits."""
+        networking = self.source.networking
+        if self.ip or networking is None or not self.isolated:
+            return True
+        cidr = self.source.pod_cidr()
+        problem = ""
+        if cidr is None:
+            problem = f"node {self.node} has no pod address range (spec.podCIDR) yet"
+        else:
+            try:
+                self.ip = networking.network.attach(self.pod["metadata"]["uid"], cidr, self.pause.pid)
+                return True
+            except NetworkError as exc:
+                problem = str(exc)
+        if problem != self.network_error:
+            self.network_error = problem
+            self.event("FailedCreatePodSandBox", f"Failed to create pod sandbox: {problem}", kind="Warning")
+        return False
+
+    def _service_env(self) -> dict[str, str]:
+        """The Services' variables the kubelet gives a container (``enableServiceLinks``; the API's always)."""
+        networking = self.source.networking
+        if networking is None:
+            return {}
+        networking.proxy.wait_synced(5.0)
+        env = networking.proxy.environment(self.pod["metadata"]["namespace"])
+        if self.pod["spec"].get("enableServiceLinks", True) is False:
+            env = {k: v for k, v in env.items() if k.startswith("KUBERNETES_")}
+        return env
+
+    def _network_files(self) -> list[dict]:
+        """The pod's resolv.conf and hosts, as mounts, once it has its address."""
+        networking = self.source.networking
+        if networking is None or not self.ip:
+            return []
+        return pod_files(self.workdir / "etc", self.pod, self.ip, networking.dns_ip)
 
     def network_pid(self) -> int | None:
         """The pause process, whose network namespace is the pod's (None without namespaces)."""
@@ -357,10 +402,10 @@ class PodWorker(threading.Thread):
             return
         c.image_id = image.image_id
         base = {"PATH": _path(image.path), "HOSTNAME": self.pod["metadata"]["name"], "HOME": "/root",
-                **dict(image.env)}  # fmt: skip
+                **self._service_env(), **dict(image.env)}  # fmt: skip
         try:
             env = envvars.container_env(self.pod, c.spec, self._lookup, self.allocatable, base)
-            mounts = self.volumes.mounts(c.spec) if self.isolated else []
+            mounts = [*self._network_files(), *self.volumes.mounts(c.spec)] if self.isolated else []
         except (envvars.ConfigError, MountError) as exc:
             self._config_failed(c, str(exc))
             return
@@ -558,6 +603,7 @@ class PodWorker(threading.Thread):
             "phase": phase,
             "hostIP": "127.0.0.1",
             "hostIPs": [{"ip": "127.0.0.1"}],
+            **({"podIP": self.ip, "podIPs": [{"ip": self.ip}]} if self.ip else {}),
             "startTime": self.start_time,
             "conditions": [
                 condition("PodReadyToStartContainers", self.mounted),
@@ -691,7 +737,7 @@ class PodSource(threading.Thread):
     """Lists and watches the pods bound to one node; keeps one worker per pod."""
 
     def __init__(self, node: str, api: KubeAPI, root: Path, stopping: threading.Event, log,  # noqa: ANN001
-                 allocatable: dict | None = None) -> None:  # fmt: skip
+                 allocatable: dict | None = None, networking: Networking | None = None) -> None:  # fmt: skip
         super().__init__(name=f"pods-{node}", daemon=True)
         self.allocatable = allocatable or {}
         self.node = node
@@ -705,6 +751,15 @@ class PodSource(threading.Thread):
         self.events = EventSink(api, log)
         self.objects = ObjectCache(api, OBJECT_TTL)
         self.isolated = False
+        self.networking = networking  # the agent's pod network, shared by its nodes (None: pods have no addresses)
+        self._cidr: str | None = None
+
+    def pod_cidr(self) -> str | None:
+        """The node's pod address range, as the controller manager assigned it (read until it has)."""
+        if self._cidr is None:
+            node = self.api.get(f"/api/v1/nodes/{self.node}") or {}
+            self._cidr = node.get("spec", {}).get("podCIDR")
+        return self._cidr
 
     def _selector(self) -> str:
         return urllib.parse.quote(f"spec.nodeName={self.node}")
@@ -763,8 +818,7 @@ class PodSource(threading.Thread):
                 if phase in ("Succeeded", "Failed") and not pod["metadata"].get("deletionTimestamp"):
                     return  # finished before this agent started: nothing to run
                 folder = self.root / f"{pod['metadata']['namespace']}_{pod['metadata']['name']}_{uid}"
-                worker = PodWorker(pod, self.api, self.node, folder, self.log, self.allocatable,
-                                   self.isolated, self.events, self.objects)  # fmt: skip
+                worker = PodWorker(pod, self, folder)
                 self.workers[uid] = worker
                 worker.start()
             else:

@@ -16,9 +16,10 @@ server per node, speaking what the kubelet speaks:
 * ``GET /labkit/proxy/{namespace}/{pod}/{port}/{path}``: labkit's own, not a
   kubelet's: an HTTP GET of ``path`` on the pod's ``port``, made from inside the
   pod's network namespace, so that a notebook can reach a pod's HTTP port
-  before pods have addresses of their own (on a real cluster the API server's
-  ``pods/proxy`` does this). A port nothing listens on is a 502 with the dial
-  error, as the API server's proxy gives it.
+  as a real cluster's API server ``pods/proxy`` does. A port nothing listens on
+  is a 502 with the dial error, as the API server's proxy gives it;
+* ``GET /labkit/forward/{namespace}/{service}/{port}``: labkit's own too: a port
+  on this machine's loopback that leads to the Service (``forward.py``), as JSON.
 
 Authentication is the client certificate, verified against the cluster CA.
 Authorization is where this differs from a kubelet, which asks the API server
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from labkit.sandbox.node import logs, metrics, probes
 
@@ -217,6 +218,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._container_logs(url)
             elif url.path.startswith("/labkit/proxy/"):
                 self._proxy(url)
+            elif url.path.startswith("/labkit/forward/"):
+                self._forward(url)
             elif url.path == "/metrics/resource":
                 self._reply(200, metrics.resource_metrics(self.server.owner.workers()))
             else:
@@ -264,6 +267,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _forward(self, url: urllib.parse.SplitResult) -> None:
+        """A port on this machine's loopback that leads to a Service: ``/labkit/forward/{namespace}/{service}/{port}``."""
+        parts = url.path.split("/")[3:]
+        if len(parts) != 3 or not parts[2].isdigit():
+            raise Refused(404, "404 page not found\n")
+        forwards = self.server.owner.forwards
+        if forwards is None:
+            raise Refused(503, "this sandbox has no pod network, so Services cannot be forwarded\n")
+        try:
+            port = forwards.service(parts[0], parts[1], int(parts[2]))
+        except LookupError as exc:
+            raise Refused(404, f"{exc.args[0]}\n")
+        except OSError as exc:
+            raise Refused(503, f"cannot forward: {exc}\n")
+        self._reply(200, json.dumps({"host": "127.0.0.1", "port": port}))
 
     def _stream(self, chunks: Iterator[bytes]) -> None:
         self.send_response(200)
@@ -331,8 +350,9 @@ class NodeServer:
     """One node's kubelet API: HTTPS on 127.0.0.1:``port``, client certificates required."""
 
     def __init__(self, node: str, port: int, cert: Path, key: Path, ca: Path,
-                 workers: Callable[[], Iterable], log: Callable[[str], None]) -> None:  # fmt: skip
+                 workers: Callable[[], Iterable], log: Callable[[str], None], forwards: Any = None) -> None:  # fmt: skip
         self.node = node
+        self.forwards = forwards  # the agent's forward.Forwards (None without a pod network)
         self.port = port
         self.workers = workers  # the node's pod workers, read at each request
         self.log = log

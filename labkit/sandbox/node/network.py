@@ -1,0 +1,187 @@
+"""The pod network: an address for every pod, on one routed network that the node agent owns.
+
+The agent starts a network namespace of its own, the **pod network**, held by a
+sleeping process as a pod's namespaces are held by its pause process. Each pod's
+network namespace is joined to it by a veth pair, routed as Calico routes it:
+
+* the pod's end is ``eth0``, with the pod's address as a /32 and a default route
+  via ``169.254.1.1``;
+* the pod network's end (``lk<pod uid>``) answers for ``169.254.1.1`` and has a
+  /32 route to the pod.
+
+So every packet between pods, to a Service or from the agent crosses the pod
+network's own IP stack, where Services are DNAT rules (``services.py``) and
+faults are injected (``faults.py``). The agent itself stays in the machine's
+network, where it reaches the API server; it enters the pod network to configure
+it, and holds sockets there for the cluster's DNS, the ``kubernetes`` Service
+and the forwards that let a notebook reach a Service.
+
+It works the same as root and as an ordinary user: the agent is root in a user
+namespace of its own there, and owns every namespace it makes. Pod addresses
+come from each node's ``spec.podCIDR``, which the controller manager's node IPAM
+assigns; each node also has the first address of its range in the pod network
+(its "node IP" there: NodePorts answer on it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from labkit.sandbox import procs
+from labkit.sandbox.node import probes
+
+GATEWAY = "169.254.1.1"
+# The pod network routes; and it takes packets whose source is one of its own addresses, which is what the
+# replies to the agent's own connections to a ClusterIP are once un-DNATed (the Service range is local here).
+SETUP = ("ip link set lo up; echo 1 > /proc/sys/net/ipv4/ip_forward; "
+         "echo 1 > /proc/sys/net/ipv4/conf/all/accept_local; exec sleep infinity")
+
+
+@dataclass
+class Networking:
+    """The agent's pod network and what serves on it: the service proxy, the forwards, the DNS address."""
+
+    network: PodNetwork
+    proxy: Any  # services.ServiceProxy
+    forwards: Any  # forward.Forwards
+    dns_ip: str
+
+
+class NetworkError(Exception):
+    """The pod network cannot do what was asked (no tools, no namespaces, no range)."""
+
+
+def veth_name(uid: str) -> str:
+    return "lk" + uid.replace("-", "")[:12]
+
+
+class PodNetwork:
+    """The agent's pod network: the namespace, addresses per node, and the veth of each pod."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.holder: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+        self.used: dict[str, set[str]] = {}  # node CIDR -> addresses in use
+        self.owners: dict[str, str] = {}  # pod uid -> address
+        self.gateways: set[str] = set()  # node IPs already on the pod network's loopback
+        self.problem = ""
+
+    # -- the namespace ----------------------------------------------------------------------
+
+    def start(self) -> bool:
+        """Make the pod network; False (and ``problem`` says why) where this machine cannot."""
+        missing = [tool for tool in ("ip", "unshare", "setpriv", "sh", "sleep") if not shutil.which(tool)]
+        if missing:
+            self.problem = f"{', '.join(missing)} not found (iproute2 and util-linux provide them)"
+            return False
+        self.holder = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--net", "--", "sh", "-c", SETUP],
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       start_new_session=True)  # fmt: skip
+        own = procs.namespace(os.getpid(), "net")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.holder.poll() is None:
+            if procs.namespace(self.holder.pid, "net") not in (None, own) and _sleeping(self.holder.pid):
+                return True
+            time.sleep(0.01)
+        error = self.holder.stderr.read().decode(errors="replace").strip() if self.holder.poll() is not None else ""
+        self.problem = f"the pod network could not be made ({error or 'its holder did not start'})"
+        self.stop()
+        return False
+
+    @property
+    def pid(self) -> int:
+        assert self.holder is not None
+        return self.holder.pid
+
+    def stop(self) -> None:
+        if self.holder is not None and self.holder.poll() is None:
+            self.holder.kill()
+            self.holder.wait()
+
+    def run(self, commands: list[str], pid: int | None = None) -> None:
+        """``ip -batch`` in the network namespace of ``pid`` (default: the pod network's)."""
+        with probes.network_of(pid or self.pid):  # the child starts in this thread's namespace
+            done = subprocess.run(["ip", "-batch", "-"], input="\n".join(commands) + "\n", capture_output=True,
+                                  text=True, timeout=30)  # fmt: skip
+        if done.returncode != 0:
+            raise NetworkError(done.stderr.strip() or f"ip exited with {done.returncode}")
+
+    def nft(self, text: str) -> None:
+        """``nft -f -`` in the pod network."""
+        with probes.network_of(self.pid):
+            done = subprocess.run(["nft", "-f", "-"], input=text, capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise NetworkError(done.stderr.strip()[-2000:] or f"nft exited with {done.returncode}")
+
+    def add_services(self, service_cidr: str, *addresses: str) -> None:
+        """The Service range, local to the pod network (so that a ClusterIP nothing answers for is refused by the
+        service rules, not unroutable), and the addresses the agent serves on itself there (the ``kubernetes``
+        and ``kube-dns`` ClusterIPs)."""
+        self.run([f"route add local {service_cidr} dev lo", *(f"addr add {address}/32 dev lo" for address in addresses)])
+
+    # -- addresses --------------------------------------------------------------------------
+
+    def node_ip(self, cidr: str) -> str:
+        """A node's own address on the pod network: the first of its range."""
+        return str(next(ipaddress.ip_network(cidr, strict=False).hosts()))
+
+    def _allocate(self, cidr: str, uid: str) -> str:
+        with self.lock:
+            if uid in self.owners:
+                return self.owners[uid]
+            used = self.used.setdefault(cidr, set())
+            hosts = ipaddress.ip_network(cidr, strict=False).hosts()
+            next(hosts)  # the node's own
+            for address in map(str, hosts):
+                if address not in used:
+                    used.add(address)
+                    self.owners[uid] = address
+                    return address
+        raise NetworkError(f"no free address left in {cidr}")
+
+    def release(self, uid: str) -> None:
+        with self.lock:
+            address = self.owners.pop(uid, None)
+            for used in self.used.values():
+                used.discard(address)
+
+    # -- pods -------------------------------------------------------------------------------
+
+    def attach(self, uid: str, cidr: str, pause_pid: int) -> str:
+        """Give the pod whose namespaces ``pause_pid`` holds an address from ``cidr``, joined to the pod
+        network; its address. Done again for a pod whose namespaces were made again."""
+        address = self._allocate(cidr, uid)
+        veth = veth_name(uid)
+        gateway = self.node_ip(cidr)
+        outer = [f"link add {veth} type veth peer name eth0 netns {pause_pid}",
+                 f"link set {veth} up", f"addr add {GATEWAY}/32 dev {veth}",
+                 f"route replace {address}/32 dev {veth} scope link"]  # fmt: skip
+        if gateway not in self.gateways:
+            outer.insert(0, f"addr add {gateway}/32 dev lo")
+        try:
+            self.run(outer)
+            self.gateways.add(gateway)
+            self.run(["link set lo up", "link set eth0 up", f"addr add {address}/32 dev eth0",
+                      f"route add {GATEWAY} dev eth0 scope link", f"route add default via {GATEWAY} dev eth0"],
+                     pid=pause_pid)  # fmt: skip
+        except (NetworkError, OSError, subprocess.TimeoutExpired) as exc:
+            self.release(uid)
+            raise NetworkError(f"the pod's network could not be set up: {exc}") from exc
+        return address
+
+
+def _sleeping(pid: int) -> bool:
+    """Whether the holder has finished its set-up and sleeps (its command is ``sleep`` now)."""
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip() == "sleep"
+    except OSError:
+        return False
