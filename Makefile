@@ -5,10 +5,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup binaries lab test book sandbox-up sandbox-down bench clean
+.PHONY: setup system binaries lab test book sandbox-up sandbox-down bench clean
 
 ## setup: virtual environment with labkit (editable) and dev tools, plus the sandbox binaries
-setup: $(VENV)/.installed binaries
+setup: $(VENV)/.installed binaries system
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "labkit needs Python 3.10+ ($(PYTHON) not found)"; exit 1; }
@@ -16,6 +16,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,lab,book]'
 	touch $@
+
+## system: the Debian packages the sandbox's pod network needs (iproute2, nftables, util-linux), where missing
+SYSTEM_TOOLS := ip:iproute2 nft:nftables unshare:util-linux setpriv:util-linux
+system:
+	@missing=""; for entry in $(SYSTEM_TOOLS); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $${entry%%:*} >/dev/null || missing="$$missing $${entry#*:}"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo "The sandbox's pod network needs$$missing (sudo apt-get install$$missing); until then pods share this machine's network."; fi
 
 ## binaries: the pinned control plane (found, built from pinned Go modules, or downloaded)
 binaries: $(VENV)/.installed

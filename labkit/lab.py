@@ -100,6 +100,36 @@ class Applied(list):
         pass
 
 
+class NetworkFault:
+    """A fault a lab injected into the sandbox's pod network; ``remove()`` ends it."""
+
+    def __init__(self, lab: Lab, description: dict, what: str) -> None:
+        self.lab = lab
+        self.id = description["id"]
+        self.description = description
+        self.what = what
+
+    def remove(self, quiet: bool = False) -> None:
+        if self.lab.faults.pop(self.id, None) is None:
+            return
+        answer = self.lab._agent("DELETE", f"/labkit/faults/{self.id}")
+        if not quiet:
+            self.lab.say(f"fault {self.id} removed ({self.what})" if answer.ok else f"fault {self.id} was already gone")
+
+    def __repr__(self) -> str:
+        return f"<fault {self.id}: {self.what}>"
+
+
+def _rate(rate: str | float) -> float:
+    """Bits a second from ``"1mbit"``, ``"500kbit"``, ``"2gbit"`` or a number."""
+    if isinstance(rate, (int, float)):
+        return float(rate)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmg]?)bit\s*", rate.lower())
+    if not match:
+        raise LabkitError(f"{rate!r} is not a rate.", hint='Write it as tc does: "1mbit", "500kbit", "2gbit".')
+    return float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[match.group(2)]
+
+
 class Lab:
     """One run of a lab (see the module's docstring)."""
 
@@ -113,6 +143,7 @@ class Lab:
         self.shared = False  # True: working in a namespace this lab did not make
         self.applied: set[manifests.Kind] = set()
         self.views: list[Any] = []
+        self.faults: dict[str, NetworkFault] = {}
         self.namespace = self._make_namespace()
         atexit.register(self.close, quiet=True)
         where = "its own namespace" if not self.shared else "your namespace"
@@ -169,6 +200,11 @@ class Lab:
         self.closed = True
         for view in self.views:
             view.stop()
+        try:
+            for fault in list(self.faults.values()):
+                fault.remove(quiet=True)
+        except LabkitError:
+            pass
         try:
             if not self.shared:
                 self.cluster.request("DELETE", f"/api/v1/namespaces/{self.namespace}")
@@ -409,26 +445,113 @@ class Lab:
                 raise LabkitError(f"Pod {pod['metadata']['name']} declares no container port.",
                                   hint=f"Say which: `lab.http({target!r}, {path!r}, port=8080)`.")  # fmt: skip
             port = ports[0]
-        node = self.cluster.get(f"/api/v1/nodes/{pod['spec']['nodeName']}") if pod["spec"].get("nodeName") else None
-        runtime = (node or {}).get("status", {}).get("nodeInfo", {}).get("containerRuntimeVersion", "")
-        if runtime.startswith("labkit://"):
-            return self._http_via_node(node, pod, port, path, timeout)
+        if self._sandbox_node(required=False):
+            meta = pod["metadata"]
+            return self._agent("GET", f"/labkit/proxy/{meta['namespace']}/{meta['name']}/{port}/{path.lstrip('/')}",
+                               timeout=timeout)  # fmt: skip
         return self._http_via_apiserver(pod, port, path, timeout)
 
-    def _http_via_node(self, node: dict, pod: dict, port: int, path: str, timeout: float) -> Response:
-        """Through the sandbox node's own kubelet API, which connects from inside the pod's network (the
-        node's serving certificate is the cluster CA's, for 127.0.0.1; the lab's credentials are the admin's)."""
+    # -- the sandbox's node agent -----------------------------------------------------------
+
+    def _sandbox_node(self, required: bool = True) -> dict | None:
+        """A ready node of the local sandbox (whose agent serves labkit's own endpoints), or None elsewhere."""
+        if not hasattr(self, "_agent_node"):
+            try:
+                nodes = self.nodes()
+            except LabkitError:
+                nodes = []
+            self._agent_node = next((n for n in nodes if n["status"].get("nodeInfo", {}).get(
+                "containerRuntimeVersion", "").startswith("labkit://")
+                and readiness.condition(n, "Ready").get("status") == "True"), None)  # fmt: skip
+        if self._agent_node is None and required:
+            raise LabkitError("This works on the local sandbox only, whose node agent does it.",
+                              hint="On another cluster, use the cluster's own tools (kubectl port-forward; Chaos Mesh "
+                                   "for faults).")  # fmt: skip
+        return self._agent_node
+
+    def _agent(self, method: str, path: str, body: dict | None = None, timeout: float = 10) -> Response:
+        """A request to the sandbox's node agent, through a node's kubelet API (its serving certificate is the
+        cluster CA's, for 127.0.0.1; the lab's credentials are the admin's)."""
+        node = self._sandbox_node()
         endpoint = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
-        meta = pod["metadata"]
-        url = f"https://127.0.0.1:{endpoint}/labkit/proxy/{meta['namespace']}/{meta['name']}/{port}/{path.lstrip('/')}"
-        request = urllib.request.Request(url, headers=self.cluster.api.headers("*/*"))
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"https://127.0.0.1:{endpoint}{path}", data=data, method=method,
+                                         headers={**self.cluster.api.headers("*/*"), "Content-Type": "application/json"})  # fmt: skip
         try:
             with urllib.request.urlopen(request, context=self.cluster.api.context, timeout=timeout) as answer:
                 return Response(answer.status, answer.read().decode(errors="replace"), dict(answer.headers))
         except urllib.error.HTTPError as exc:
             return Response(exc.code, exc.read().decode(errors="replace"), dict(exc.headers or {}))
         except (urllib.error.URLError, OSError) as exc:
-            raise LabkitError(f"The pod could not be reached: {getattr(exc, 'reason', exc)}.") from None
+            raise LabkitError(f"The sandbox's node agent could not be reached: {getattr(exc, 'reason', exc)}.",
+                              hint=self.cluster.unreachable_hint()) from None  # fmt: skip
+
+    def service_url(self, name: str, port: int | None = None) -> str:
+        """A URL this notebook can use to reach Service ``name`` (on ``port``, default its first): in the
+        sandbox a forward on this machine's loopback; on JupyterHub in the cluster, its DNS name."""
+        service = self.get(f"service/{name}")
+        if service is None:
+            raise LabkitError(f"There is no service/{name} in the lab's namespace {self.namespace}.")
+        ports = service["spec"].get("ports", [])
+        port = port or (ports[0]["port"] if ports else None)
+        if port is None:
+            raise LabkitError(f"Service {name} has no ports.")
+        if self.cluster.source == "in-cluster":
+            return f"http://{name}.{self.namespace}.svc.cluster.local:{port}"
+        answer = self._agent("GET", f"/labkit/forward/{self.namespace}/{name}/{port}")
+        if not answer.ok:
+            raise LabkitError(f"Service {name} cannot be reached from here: {answer.text.strip()}")
+        return f"http://127.0.0.1:{answer.json()['port']}"
+
+    # -- network faults ---------------------------------------------------------------------
+
+    def _addresses(self, target: str) -> list[str]:
+        addresses = [p["status"]["podIP"] for p in self.pods_of(target)
+                     if p.get("status", {}).get("podIP") and not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+        if not addresses:
+            raise LabkitError(f"{target} has no running pod with an address to aim a fault at.",
+                              hint=f"`lab.wait_ready({target!r})` first.")  # fmt: skip
+        return addresses
+
+    def _fault(self, spec: dict, what: str) -> NetworkFault:
+        answer = self._agent("POST", "/labkit/faults", spec)
+        if answer.status != 201:
+            raise LabkitError(f"The fault could not be injected: {answer.text.strip()}")
+        fault = NetworkFault(self, answer.json(), what)
+        self.faults[fault.id] = fault
+        self.say(f"fault {fault.id}: {what}")
+        return fault
+
+    def delay(self, target: str, ms: float, *, jitter: float = 0, to: str | None = None) -> NetworkFault:
+        """Delay the packets ``target``'s pods send (to ``to``'s pods only, if given) by ``ms`` ± ``jitter`` ms."""
+        where = f" to {to}" if to else ""
+        return self._fault({"kind": "delay", "sources": self._addresses(target), "delay_ms": ms, "jitter_ms": jitter,
+                            "to": self._addresses(to) if to else []},
+                           f"{target}'s packets{where} delayed {ms:g} ms" + (f" ± {jitter:g}" if jitter else ""))  # fmt: skip
+
+    def loss(self, target: str, percent: float, *, to: str | None = None) -> NetworkFault:
+        """Drop ``percent`` % of the packets ``target``'s pods send (to ``to``'s pods only, if given)."""
+        return self._fault({"kind": "loss", "sources": self._addresses(target), "loss_percent": percent,
+                            "to": self._addresses(to) if to else []},
+                           f"{percent:g}% of {target}'s packets lost" + (f" to {to}" if to else ""))  # fmt: skip
+
+    def bandwidth(self, target: str, rate: str | float, *, to: str | None = None) -> NetworkFault:
+        """Limit what ``target``'s pods send to ``rate`` (``"1mbit"``, ``"500kbit"``, or bits a second)."""
+        bits = _rate(rate)
+        return self._fault({"kind": "bandwidth", "sources": self._addresses(target), "rate_bps": bits,
+                            "to": self._addresses(to) if to else []},
+                           f"{target} limited to {rate}" + (f" to {to}" if to else ""))  # fmt: skip
+
+    def partition(self, a: str, b: str, *, both: bool = True) -> NetworkFault:
+        """Cut ``a``'s pods off from ``b``'s: packets from a to b are dropped, and (``both``) from b to a."""
+        arrow = "<->" if both else "->"
+        return self._fault({"kind": "partition", "sources": self._addresses(a), "to": self._addresses(b), "both": both},
+                           f"partition {a} {arrow} {b}")  # fmt: skip
+
+    def heal(self) -> None:
+        """Remove every network fault this lab injected."""
+        for fault in list(self.faults.values()):
+            fault.remove()
 
     def _http_via_apiserver(self, pod: dict, port: int, path: str, timeout: float) -> Response:
         """Through the API server's pods/proxy, as on any real cluster."""

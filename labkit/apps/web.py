@@ -15,7 +15,8 @@ Kubernetes workload is, through its environment:
 
 Endpoints: ``/`` (greeting), ``/version``, ``/healthz`` (liveness), ``/readyz``
 (readiness), ``/config``, ``/work?ms=N`` (burn CPU), ``/alloc?mb=N`` (hold
-memory), ``/crash`` (exit 1), ``/unhealthy`` (liveness fails from then on) and
+memory), ``/crash`` (exit 1), ``/unhealthy`` (liveness fails from then on),
+``/unready`` and ``/ready`` (take it out of service and back: readiness) and
 ``/metrics`` (Prometheus). Release 3.0 is the rollout lab's bad release: it
 serves, but never becomes ready.
 
@@ -177,6 +178,7 @@ class State:
         self.started_wall = time.time()
         self.hostname = os.environ.get("HOSTNAME") or socket.gethostname()  # the pod's name
         self.healthy = True
+        self.out_of_service = False  # set by /unready, cleared by /ready
         self.draining = False
         self.held: list[bytearray] = []
         self.metrics = Metrics()
@@ -192,6 +194,8 @@ class State:
             return False, f"release {s.version} is broken: it never becomes ready (roll back to a good release)"
         if s.fail_ready:
             return False, "not ready: $FAIL_READY is set"
+        if self.out_of_service:
+            return False, "not ready: taken out of service by a request to /unready (/ready brings it back)"
         waited = time.monotonic() - self.started
         if waited < s.ready_delay:
             return False, f"starting: ready in {s.ready_delay - waited:.1f}s ($READY_DELAY={s.ready_delay:g})"
@@ -350,6 +354,18 @@ def unhealthy(state: State, request: Request) -> Response:
     return Response(200, "unhealthy: /healthz fails from now on\n")
 
 
+def unready(state: State, request: Request) -> Response:
+    state.out_of_service = True
+    log("taken out of service: /readyz fails until /ready")
+    return Response(200, "out of service: /readyz fails until a request to /ready\n")
+
+
+def ready(state: State, request: Request) -> Response:
+    state.out_of_service = False
+    log("back in service: /readyz answers as before")
+    return Response(200, "back in service\n")
+
+
 def metrics(state: State, request: Request) -> Response:
     gauges = {
         "process_resident_memory_bytes": ("Resident memory size in bytes.", resident_memory()),
@@ -372,6 +388,8 @@ ROUTES: dict[str, tuple[Endpoint, tuple[str, ...]]] = {
     "/alloc": (alloc, ("GET", "POST")),
     "/crash": (crash, ("GET", "POST")),
     "/unhealthy": (unhealthy, ("GET", "POST")),
+    "/unready": (unready, ("GET", "POST")),
+    "/ready": (ready, ("GET", "POST")),
     "/metrics": (metrics, ("GET",)),
 }
 

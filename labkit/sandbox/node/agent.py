@@ -27,7 +27,6 @@ import datetime as dt
 import json
 import os
 import platform
-import shutil
 import signal
 import sys
 import threading
@@ -41,6 +40,7 @@ from labkit.sandbox import procs
 from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, KubeAPI, api_micro_time, api_time, kubelet_event
 from labkit.sandbox.node import namespaces
 from labkit.sandbox.node.dns import ClusterDNS
+from labkit.sandbox.node.faults import Faults
 from labkit.sandbox.node.forward import Forwards
 from labkit.sandbox.node.network import Networking, PodNetwork
 from labkit.sandbox.node.services import ServiceProxy
@@ -90,8 +90,7 @@ class NodeHeartbeat(threading.Thread):
         self.pods = PodSource(spec.name, self.api, run_dir.parent / "pods" / spec.name, stopping, _log,
                               allocatable={"cpu": spec.cpu, "memory": spec.memory}, networking=networking)
         self.kubelet_api = NodeServer(spec.name, spec.port, Path(spec.serving_cert), Path(spec.serving_key), ca,
-                                      self.pods.current, _log, networking.forwards if networking else None,
-                                      ) if spec.port else None  # fmt: skip
+                                      self.pods.current, _log, networking) if spec.port else None  # fmt: skip
 
     # -- the node object ---------------------------------------------------------------------
 
@@ -289,10 +288,6 @@ def start_network(config: dict, stopping: threading.Event) -> Networking | None:
     if not network.start():
         _log(f"no pod network: {network.problem}; pods share the machine's network")
         return None
-    if not shutil.which("nft"):
-        _log("no pod network: nft (nftables) is not installed, and Services need it")
-        network.stop()
-        return None
     kubernetes_ip, dns_ip = config["kubernetes_ip"], config["dns_ip"]
     network.add_services(config["service_cidr"], kubernetes_ip, dns_ip)
     api = KubeAPI(config["server"], Path(config["ca"]), Path(config["proxy"]["cert"]), Path(config["proxy"]["key"]))
@@ -301,8 +296,18 @@ def start_network(config: dict, stopping: threading.Event) -> Networking | None:
     ClusterDNS(proxy, dns_ip, network.pid, _log).start()
     server = urllib.parse.urlsplit(config["server"])
     forwards = Forwards(proxy, network.pid, (server.hostname or "127.0.0.1", server.port or 443), kubernetes_ip, _log)
-    _log(f"pod network ready (held by process {network.pid}); Services, DNS on {dns_ip}")
-    return Networking(network, proxy, forwards, dns_ip)
+    mode = "root" if _real_root() else "rootless"
+    _log(f"pod network ready ({mode}, held by process {network.pid}); Services, DNS on {dns_ip}")
+    return Networking(network, proxy, forwards, Faults(network, _log), dns_ip, mode)
+
+
+def _real_root() -> bool:
+    """Whether the agent is this machine's root, rather than root in a user namespace of its own."""
+    try:
+        with open("/proc/self/uid_map") as handle:
+            return handle.read().split()[:3] == ["0", "0", "4294967295"]
+    except OSError:
+        return False
 
 
 def _kill_leftovers(root: Path) -> None:

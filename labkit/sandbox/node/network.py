@@ -38,10 +38,14 @@ from labkit.sandbox import procs
 from labkit.sandbox.node import probes
 
 GATEWAY = "169.254.1.1"
-# The pod network routes; and it takes packets whose source is one of its own addresses, which is what the
-# replies to the agent's own connections to a ClusterIP are once un-DNATed (the Service range is local here).
+# The pod network routes; it takes packets whose source is one of its own addresses, which is what the replies
+# to the agent's own connections to a ClusterIP are once un-DNATed (the Service range is local here); its local
+# routes are looked up after the faults' policy rules (priority 1000), so that a pod's packets to the agent's own
+# addresses can be delayed too; and no early demultiplexing, which would deliver such packets to the agent's
+# sockets before any rule is consulted.
 SETUP = ("ip link set lo up; echo 1 > /proc/sys/net/ipv4/ip_forward; "
-         "echo 1 > /proc/sys/net/ipv4/conf/all/accept_local; exec sleep infinity")
+         "echo 1 > /proc/sys/net/ipv4/conf/all/accept_local; echo 0 > /proc/sys/net/ipv4/ip_early_demux; "
+         "ip rule add pref 2000 lookup local && ip rule del pref 0 lookup local; exec sleep infinity")
 
 
 @dataclass
@@ -51,7 +55,14 @@ class Networking:
     network: PodNetwork
     proxy: Any  # services.ServiceProxy
     forwards: Any  # forward.Forwards
+    faults: Any  # faults.Faults
     dns_ip: str
+    mode: str  # "root", or "rootless" (the agent is root in a user namespace of its own)
+
+
+def tool(name: str) -> str | None:
+    """A system tool's path, looked for in the sbin folders too (an ordinary user's PATH often lacks them)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin")
 
 
 class NetworkError(Exception):
@@ -78,11 +89,13 @@ class PodNetwork:
 
     def start(self) -> bool:
         """Make the pod network; False (and ``problem`` says why) where this machine cannot."""
-        missing = [tool for tool in ("ip", "unshare", "setpriv", "sh", "sleep") if not shutil.which(tool)]
+        missing = [name for name in ("ip", "nft", "unshare", "setpriv", "sh", "sleep") if not tool(name)]
         if missing:
-            self.problem = f"{', '.join(missing)} not found (iproute2 and util-linux provide them)"
+            self.problem = (f"{', '.join(missing)} not found: install the Debian packages iproute2, nftables and "
+                            "util-linux (`make setup` does, as root)")  # fmt: skip
             return False
-        self.holder = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--net", "--", "sh", "-c", SETUP],
+        self.holder = subprocess.Popen([tool("setpriv"), "--pdeathsig", "KILL", "--", tool("unshare"), "--net", "--", "sh", "-c",
+                                        f"PATH=$PATH:{os.path.dirname(tool('ip'))}; {SETUP}"],
                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                        start_new_session=True)  # fmt: skip
         own = procs.namespace(os.getpid(), "net")
@@ -109,7 +122,7 @@ class PodNetwork:
     def run(self, commands: list[str], pid: int | None = None) -> None:
         """``ip -batch`` in the network namespace of ``pid`` (default: the pod network's)."""
         with probes.network_of(pid or self.pid):  # the child starts in this thread's namespace
-            done = subprocess.run(["ip", "-batch", "-"], input="\n".join(commands) + "\n", capture_output=True,
+            done = subprocess.run([tool("ip"), "-batch", "-"], input="\n".join(commands) + "\n", capture_output=True,
                                   text=True, timeout=30)  # fmt: skip
         if done.returncode != 0:
             raise NetworkError(done.stderr.strip() or f"ip exited with {done.returncode}")
@@ -117,7 +130,7 @@ class PodNetwork:
     def nft(self, text: str) -> None:
         """``nft -f -`` in the pod network."""
         with probes.network_of(self.pid):
-            done = subprocess.run(["nft", "-f", "-"], input=text, capture_output=True, text=True, timeout=30)
+            done = subprocess.run([tool("nft"), "-f", "-"], input=text, capture_output=True, text=True, timeout=30)
         if done.returncode != 0:
             raise NetworkError(done.stderr.strip()[-2000:] or f"nft exited with {done.returncode}")
 
@@ -146,6 +159,12 @@ class PodNetwork:
                     self.owners[uid] = address
                     return address
         raise NetworkError(f"no free address left in {cidr}")
+
+    def veth_of(self, address: str) -> str | None:
+        """The pod network's end of the veth of the pod with ``address``."""
+        with self.lock:
+            uid = next((u for u, a in self.owners.items() if a == address), None)
+        return veth_name(uid) if uid else None
 
     def release(self, uid: str) -> None:
         with self.lock:

@@ -19,7 +19,9 @@ server per node, speaking what the kubelet speaks:
   as a real cluster's API server ``pods/proxy`` does. A port nothing listens on
   is a 502 with the dial error, as the API server's proxy gives it;
 * ``GET /labkit/forward/{namespace}/{service}/{port}``: labkit's own too: a port
-  on this machine's loopback that leads to the Service (``forward.py``), as JSON.
+  on this machine's loopback that leads to the Service (``forward.py``), as JSON;
+* ``GET|POST /labkit/faults``, ``DELETE /labkit/faults/{id}``: the network faults
+  in force, one more, one fewer (``faults.py``).
 
 Authentication is the client certificate, verified against the cluster CA.
 Authorization is where this differs from a kubelet, which asks the API server
@@ -203,13 +205,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         pass  # the API server logs every request it proxies; the agent's log keeps to problems
 
+    def _allowed(self, url: urllib.parse.SplitResult, verb: str) -> bool:
+        """Only the API server's kubelet client and the cluster's admins: anyone else gets the kubelet's 403."""
+        user, groups = _identity(self.request.getpeercert() or {})
+        if user == APISERVER_CLIENT or ADMIN_GROUP in groups:
+            return True
+        subresources = "[healthz proxy]" if url.path.startswith("/healthz") else "[proxy]"
+        self.server.owner.log(f"node {self.server.owner.node}: refused {user or 'anonymous'} ({url.path})")
+        self._reply(403, f"Forbidden (user={user}, verb={verb}, resource=nodes, subresource(s)={subresources})\n")
+        return False
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         url = urllib.parse.urlsplit(self.path)
-        user, groups = _identity(self.request.getpeercert() or {})
-        if user != APISERVER_CLIENT and ADMIN_GROUP not in groups:
-            subresources = "[healthz proxy]" if url.path.startswith("/healthz") else "[proxy]"
-            self.server.owner.log(f"node {self.server.owner.node}: refused {user or 'anonymous'} ({url.path})")
-            self._reply(403, f"Forbidden (user={user}, verb=get, resource=nodes, subresource(s)={subresources})\n")
+        if not self._allowed(url, "get"):
             return
         try:
             if url.path == "/healthz":
@@ -220,12 +228,53 @@ class _Handler(BaseHTTPRequestHandler):
                 self._proxy(url)
             elif url.path.startswith("/labkit/forward/"):
                 self._forward(url)
+            elif url.path == "/labkit/faults":
+                self._reply(200, json.dumps(self._networking().faults.list()))
             elif url.path == "/metrics/resource":
                 self._reply(200, metrics.resource_metrics(self.server.owner.workers()))
             else:
                 self._reply(404, "404 page not found\n")
         except Refused as refusal:
             self._reply(refusal.status, str(refusal))
+
+    def do_POST(self) -> None:  # noqa: N802
+        """``POST /labkit/faults``: a network fault (faults.py's JSON form); its id and form, or 400 and why not."""
+        url = urllib.parse.urlsplit(self.path)
+        if not self._allowed(url, "create"):
+            return
+        try:
+            if url.path != "/labkit/faults":
+                raise Refused(404, "404 page not found\n")
+            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                spec = json.loads(self.rfile.read(length) or b"{}")
+                fault = self._networking().faults.add(spec)
+            except (ValueError, AttributeError) as exc:
+                raise Refused(400, f"{exc}\n")
+            self._reply(201, json.dumps(fault.describe()))
+        except Refused as refusal:
+            self._reply(refusal.status, str(refusal))
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        """``DELETE /labkit/faults/{id}``: the fault is removed (404 if there is none)."""
+        url = urllib.parse.urlsplit(self.path)
+        if not self._allowed(url, "delete"):
+            return
+        try:
+            parts = url.path.split("/")
+            if len(parts) != 4 or parts[:3] != ["", "labkit", "faults"]:
+                raise Refused(404, "404 page not found\n")
+            if not self._networking().faults.remove(parts[3]):
+                raise Refused(404, f"fault {parts[3]} not found\n")
+            self._reply(200, "{}")
+        except Refused as refusal:
+            self._reply(refusal.status, str(refusal))
+
+    def _networking(self) -> Any:
+        networking = self.server.owner.networking
+        if networking is None:
+            raise Refused(503, "this sandbox has no pod network (see `labkit sandbox status`)\n")
+        return networking
 
     def _container_logs(self, url: urllib.parse.SplitResult) -> None:
         parts = [urllib.parse.unquote(p) for p in url.path.split("/")[2:]]
@@ -273,11 +322,9 @@ class _Handler(BaseHTTPRequestHandler):
         parts = url.path.split("/")[3:]
         if len(parts) != 3 or not parts[2].isdigit():
             raise Refused(404, "404 page not found\n")
-        forwards = self.server.owner.forwards
-        if forwards is None:
-            raise Refused(503, "this sandbox has no pod network, so Services cannot be forwarded\n")
+        networking = self._networking()
         try:
-            port = forwards.service(parts[0], parts[1], int(parts[2]))
+            port = networking.forwards.service(parts[0], parts[1], int(parts[2]))
         except LookupError as exc:
             raise Refused(404, f"{exc.args[0]}\n")
         except OSError as exc:
@@ -350,9 +397,9 @@ class NodeServer:
     """One node's kubelet API: HTTPS on 127.0.0.1:``port``, client certificates required."""
 
     def __init__(self, node: str, port: int, cert: Path, key: Path, ca: Path,
-                 workers: Callable[[], Iterable], log: Callable[[str], None], forwards: Any = None) -> None:  # fmt: skip
+                 workers: Callable[[], Iterable], log: Callable[[str], None], networking: Any = None) -> None:  # fmt: skip
         self.node = node
-        self.forwards = forwards  # the agent's forward.Forwards (None without a pod network)
+        self.networking = networking  # the agent's network.Networking (None without a pod network)
         self.port = port
         self.workers = workers  # the node's pod workers, read at each request
         self.log = log
