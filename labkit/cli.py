@@ -98,7 +98,20 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{c['restarts']:>9}{_human_bytes(c['memory']):>9}  {health:<8}{c['last_exit'] or '-'}"
         )
     print(f"  total memory: {_human_bytes(info['memory'])}")
+    network = info.get("network")
+    if network:
+        modes = {"root": "pods have their own addresses, on a network this machine's root made",
+                 "rootless": "pods have their own addresses, on a network made in a user namespace (no root)"}  # fmt: skip
+        said = modes.get(network["mode"], network.get("problem") or network["mode"])
+        print(f"  pod network: {network['mode']}: {said}" + (f"; cluster DNS {network['dns']}" if network.get("dns") else ""))
     return 0 if info["running"] else 3
+
+
+def cmd_url(args: argparse.Namespace) -> int:
+    from labkit.sandbox.controlplane import Sandbox
+
+    print(Sandbox(args.name).service_url(args.namespace, args.service, args.port))
+    return 0
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -220,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("component", help="etcd, kube-apiserver, kube-controller-manager, kube-scheduler or supervisor")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.add_argument("--tail", type=int, default=0, help="only the last N lines")
+    p = named("url", "print a URL on this machine that leads to a Service (kubectl port-forward's stand-in)", cmd_url)
+    p.add_argument("service", help="the Service's name")
+    p.add_argument("-n", "--namespace", default="default", help="its namespace (default: %(default)s)")
+    p.add_argument("--port", type=int, default=None, help="the Service's port (default: its first)")
     p = named("node", "stop a node as if its machine were lost, or start it again", cmd_node)
     p.add_argument("action", choices=("stop", "start"))
     p.add_argument("node", help="node name, e.g. node-1")

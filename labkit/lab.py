@@ -445,10 +445,11 @@ class Lab:
                 raise LabkitError(f"Pod {pod['metadata']['name']} declares no container port.",
                                   hint=f"Say which: `lab.http({target!r}, {path!r}, port=8080)`.")  # fmt: skip
             port = ports[0]
-        if self._sandbox_node(required=False):
+        if self._sandbox_node(required=False):  # through the pod's own node, which runs it
             meta = pod["metadata"]
+            node = self.cluster.get(f"/api/v1/nodes/{pod['spec']['nodeName']}")
             return self._agent("GET", f"/labkit/proxy/{meta['namespace']}/{meta['name']}/{port}/{path.lstrip('/')}",
-                               timeout=timeout)  # fmt: skip
+                               timeout=timeout, node=node)  # fmt: skip
         return self._http_via_apiserver(pod, port, path, timeout)
 
     # -- the sandbox's node agent -----------------------------------------------------------
@@ -469,10 +470,11 @@ class Lab:
                                    "for faults).")  # fmt: skip
         return self._agent_node
 
-    def _agent(self, method: str, path: str, body: dict | None = None, timeout: float = 10) -> Response:
-        """A request to the sandbox's node agent, through a node's kubelet API (its serving certificate is the
-        cluster CA's, for 127.0.0.1; the lab's credentials are the admin's)."""
-        node = self._sandbox_node()
+    def _agent(self, method: str, path: str, body: dict | None = None, timeout: float = 10,
+               node: dict | None = None) -> Response:  # fmt: skip
+        """A request to the sandbox's node agent, through the kubelet API of ``node`` (default: any; its serving
+        certificate is the cluster CA's, for 127.0.0.1; the lab's credentials are the admin's)."""
+        node = node or self._sandbox_node()
         endpoint = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(f"https://127.0.0.1:{endpoint}{path}", data=data, method=method,

@@ -657,7 +657,37 @@ class Sandbox:
             "ports": config["ports"],
             "memory": sum(c.memory for c in components),
             "components": [c.__dict__ for c in components],
+            "network": self._network_record() if supervisor and config.get("nodes") else None,
         }
+
+    def service_url(self, namespace: str, name: str, port: int | None = None) -> str:
+        """A URL on this machine's loopback that leads to Service ``namespace/name`` (its ``port``, default the
+        first): a forward the node agent keeps while the Service exists, like ``minikube service --url``."""
+        config = self.state.load()
+        if config is None or not self.state.supervisor_pid() or not config.get("nodes"):
+            raise LabkitError(f"Sandbox {self.name!r} is not running with nodes.", hint="Start it with `labkit sandbox up`.")
+        if port is None:
+            status, body = self.api_get(config, f"/api/v1/namespaces/{namespace}/services/{name}")
+            if status != 200:
+                raise LabkitError(f"There is no Service {name} in namespace {namespace}.",
+                                  hint="`kubectl get services -A` lists them.")  # fmt: skip
+            ports = json.loads(body)["spec"].get("ports", [])
+            if not ports:
+                raise LabkitError(f"Service {namespace}/{name} has no ports.")
+            port = ports[0]["port"]
+        node = config["ports"][kubelet_port_name(self.node_names(config)[0])]
+        status, body = self._fetch(f"https://127.0.0.1:{node}/labkit/forward/{namespace}/{name}/{port}",
+                                   self._ssl_context(True), 10)  # fmt: skip
+        if status != 200:
+            raise LabkitError(f"Service {namespace}/{name} cannot be forwarded: {body.strip()}")
+        return f"http://127.0.0.1:{json.loads(body)['port']}"
+
+    def _network_record(self) -> dict:
+        """The pod network as the node agent recorded it at its start (run/network.json)."""
+        try:
+            return json.loads((self.state.run / "network.json").read_text())
+        except (OSError, ValueError):
+            return {"mode": "unknown", "problem": "the node agent has not said yet"}
 
     # ------------------------------------------------------------------------------ helpers
 

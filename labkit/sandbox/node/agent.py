@@ -253,6 +253,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     networking = start_network(config, stopping)
+    _record_network(root / "run" / "network.json", networking)
     threads = [
         NodeHeartbeat(NodeSpec(**node), config["server"], Path(config["ca"]), config["version"], root / "run", stopping,
                       networking)  # fmt: skip
@@ -281,12 +282,15 @@ def main() -> int:
 def start_network(config: dict, stopping: threading.Event) -> Networking | None:
     """The pod network all the agent's nodes share, with its Services, DNS and forwards; None (said in the
     log) where pods cannot have one."""
+    global NETWORK_PROBLEM
     if not namespaces.available():
-        _log("no pod network: this machine refuses the agent Linux namespaces, so pods share its network")
+        NETWORK_PROBLEM = "this machine refuses the node agent Linux namespaces, so pods share its network"
+        _log(f"no pod network: {NETWORK_PROBLEM}")
         return None
     network = PodNetwork(_log)
     if not network.start():
-        _log(f"no pod network: {network.problem}; pods share the machine's network")
+        NETWORK_PROBLEM = f"{network.problem}; pods share the machine's network"
+        _log(f"no pod network: {NETWORK_PROBLEM}")
         return None
     kubernetes_ip, dns_ip = config["kubernetes_ip"], config["dns_ip"]
     network.add_services(config["service_cidr"], kubernetes_ip, dns_ip)
@@ -299,6 +303,18 @@ def start_network(config: dict, stopping: threading.Event) -> Networking | None:
     mode = "root" if _real_root() else "rootless"
     _log(f"pod network ready ({mode}, held by process {network.pid}); Services, DNS on {dns_ip}")
     return Networking(network, proxy, forwards, Faults(network, _log), dns_ip, mode)
+
+
+NETWORK_PROBLEM = ""  # why there is no pod network, for `labkit sandbox status`
+
+
+def _record_network(path: Path, networking: Networking | None) -> None:
+    """What `labkit sandbox status` says of the pod network."""
+    if networking is None:
+        record = {"mode": "none", "problem": NETWORK_PROBLEM}
+    else:
+        record = {"mode": networking.mode, "dns": networking.dns_ip, "pod_network_pid": networking.network.pid}
+    path.write_text(json.dumps(record))
 
 
 def _real_root() -> bool:
