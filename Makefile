@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup system binaries lab test book sandbox-up sandbox-down bench clean
+.PHONY: setup system binaries lab test test-rootless book sandbox-up sandbox-down bench clean
 
 ## setup: virtual environment with labkit (editable) and dev tools, plus the sandbox binaries
 setup: $(VENV)/.installed binaries system
@@ -37,9 +37,14 @@ lab: setup
 	eval "$$($(BIN)/labkit sandbox env)" && PATH="$(abspath $(BIN)):$$PATH" \
 	  $(BIN)/jupyter lab --notebook-dir=. $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
-## test: the whole suite against real binaries
+## test: the whole suite against real binaries; as root, the pod network's tests again as an ordinary user
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+	@if [ "$$(id -u)" = 0 ] && [ -z "$(PYTEST_ARGS)" ]; then bash tests/rootless.sh; fi
+
+## test-rootless: (as root) the pod network's tests as an ordinary user, whose sandbox runs in a user namespace
+test-rootless: setup
+	bash tests/rootless.sh
 
 ## book: build the course book (Jupyter Book 1.x, offline; needs the venv, not the binaries) into book/_build/html; warnings are errors
 book: $(VENV)/.installed

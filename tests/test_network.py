@@ -122,8 +122,19 @@ def lab(cluster: Sandbox) -> Lab:
     lab.apply(MANIFEST)
     lab.apply([probe_pod("probe"), probe_pod("other")])
     lab.wait_ready("deployment/web", "pod/probe", "pod/other", timeout=90)
+    ready_endpoints(lab, "web-headless", 2)  # the EndpointSlice controller follows the pods' readiness shortly after
     yield lab
     lab.close(quiet=True)
+
+
+def ready_endpoints(lab: Lab, service: str, count: int) -> None:
+    def ready() -> bool:
+        slices = lab.request("GET", f"/apis/discovery.k8s.io/v1/namespaces/{lab.namespace}/endpointslices",
+                             query={"labelSelector": f"kubernetes.io/service-name={service}"})["items"]  # fmt: skip
+        return sum(1 for s in slices for ep in s.get("endpoints") or [] if ep["conditions"].get("ready")) == count
+
+    eventually(ready, timeout=30, what=f"{count} ready endpoints of {service}")
+    time.sleep(0.3)  # and the service proxy and DNS learn of them
 
 
 def fetch(lab: Lab, url: str, via: str = "probe", timeout: float = 3) -> dict:
@@ -202,6 +213,7 @@ def test_endpoint_slices_follow_readiness(lab: Lab) -> None:
     finally:
         fetch(lab, f"http://{out['status']['podIP']}:8080/ready")
     lab.wait_ready("deployment/web")
+    ready_endpoints(lab, "web", 2)
 
 
 def test_what_cannot_answer_refuses_at_once(lab: Lab) -> None:
@@ -240,6 +252,7 @@ def test_injected_latency_adds_to_round_trips_until_removed(lab: Lab) -> None:
         during = _round_trips(url)
     finally:
         fault.remove()
+    time.sleep(0.3)  # packets held when it was removed are gone
     after = _round_trips(url)
     assert during - before >= 0.1, (before, during)
     assert after < before + 0.05, (before, after)

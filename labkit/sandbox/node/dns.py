@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from labkit.sandbox.node import probes
+from labkit.sandbox.node.namespaces import in_network
 from labkit.sandbox.node.services import ServiceProxy, endpoints_of
 
 DOMAIN = "cluster.local"
@@ -86,12 +86,11 @@ class ClusterDNS:
                         return
                     self.wfile.write(struct.pack("!H", len(answer)) + answer)
 
-        with probes.network_of(self.network_pid):
-            for server_class, handler in ((socketserver.ThreadingUDPServer, UDPHandler),
-                                          (socketserver.ThreadingTCPServer, TCPHandler)):  # fmt: skip
-                server_class.daemon_threads = True
-                server_class.allow_reuse_address = True
-                self.servers.append(server_class((self.address, 53), handler))
+        for server_class, handler in ((socketserver.ThreadingUDPServer, UDPHandler),
+                                      (socketserver.ThreadingTCPServer, TCPHandler)):  # fmt: skip
+            server_class.daemon_threads = True
+            server_class.allow_reuse_address = True
+            self.servers.append(in_network(self.network_pid, server_class, (self.address, 53), handler))
         for server in self.servers:
             threading.Thread(target=server.serve_forever, name="cluster-dns", daemon=True).start()
 

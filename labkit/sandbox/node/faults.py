@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from labkit.sandbox.node import probes
+from labkit.sandbox.node.namespaces import in_network
 from labkit.sandbox.node.network import NetworkError, PodNetwork
 
 TUN_PREFIX = "lkf"  # a fault's TUN device: lkf<id>
@@ -185,9 +185,7 @@ class Faults:
 
     def _emulate(self, fault: Fault) -> None:
         """Give ``fault`` its TUN device and routing table, send its pods' packets there, and read them."""
-        with probes.network_of(self.network.pid):  # the device is made in this thread's network: the pod network's
-            fd = os.open("/dev/net/tun", os.O_RDWR)
-            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", fault.device.encode(), IFF_TUN | IFF_NO_PI))
+        fd = in_network(self.network.pid, _open_tun, fault.device)  # the device is made in the pod network
         fault.tun, fault.table = fd, next(self.tables)
         try:
             self.network.run([f"link set {fault.device} up", f"route replace default dev {fault.device} table {fault.table}",
@@ -230,6 +228,17 @@ class Faults:
                     os.write(device, packet)  # under the lock: a removed fault's device is never written
                 except OSError:
                     pass
+
+
+def _open_tun(name: str) -> int:
+    """A TUN device called ``name`` in this thread's network, without packet information; its file."""
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _sum16(data: bytes) -> int:

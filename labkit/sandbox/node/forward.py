@@ -20,7 +20,7 @@ import socket
 import threading
 from typing import Callable
 
-from labkit.sandbox.node import probes
+from labkit.sandbox.node.namespaces import in_network
 from labkit.sandbox.node.services import ServiceProxy
 
 BUFFER = 65536
@@ -85,8 +85,7 @@ class Listener(threading.Thread):
 
 def listen(host: str, port: int, netns: int | None = None) -> socket.socket:
     """A listening TCP socket on ``host:port``, in the network namespace of ``netns`` if given."""
-    with probes.network_of(netns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = in_network(netns, socket.socket, socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -99,8 +98,7 @@ def listen(host: str, port: int, netns: int | None = None) -> socket.socket:
 
 def dial(host: str, port: int, netns: int | None = None, timeout: float = 10.0) -> socket.socket:
     """A TCP connection to ``host:port`` made from the network namespace of ``netns`` if given."""
-    with probes.network_of(netns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = in_network(netns, socket.socket, socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect((host, port))

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from labkit.sandbox import procs
-from labkit.sandbox.node import probes
+from labkit.sandbox.node.namespaces import in_network
 
 GATEWAY = "169.254.1.1"
 # The pod network routes; it takes packets whose source is one of its own addresses, which is what the replies
@@ -121,16 +121,15 @@ class PodNetwork:
 
     def run(self, commands: list[str], pid: int | None = None) -> None:
         """``ip -batch`` in the network namespace of ``pid`` (default: the pod network's)."""
-        with probes.network_of(pid or self.pid):  # the child starts in this thread's namespace
-            done = subprocess.run([tool("ip"), "-batch", "-"], input="\n".join(commands) + "\n", capture_output=True,
-                                  text=True, timeout=30)  # fmt: skip
+        done = in_network(pid or self.pid, subprocess.run, [tool("ip"), "-batch", "-"], input="\n".join(commands) + "\n",
+                          capture_output=True, text=True, timeout=30)  # the child starts in the caller's network
         if done.returncode != 0:
             raise NetworkError(done.stderr.strip() or f"ip exited with {done.returncode}")
 
     def nft(self, text: str) -> None:
         """``nft -f -`` in the pod network."""
-        with probes.network_of(self.pid):
-            done = subprocess.run([tool("nft"), "-f", "-"], input=text, capture_output=True, text=True, timeout=30)
+        done = in_network(self.pid, subprocess.run, [tool("nft"), "-f", "-"], input=text, capture_output=True, text=True,
+                          timeout=30)  # fmt: skip
         if done.returncode != 0:
             raise NetworkError(done.stderr.strip()[-2000:] or f"nft exited with {done.returncode}")
 

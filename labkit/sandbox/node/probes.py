@@ -12,8 +12,6 @@ kubelet words them, in ``Unhealthy`` events.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import http.client
 import os
 import socket
@@ -26,35 +24,13 @@ from typing import Callable
 
 from labkit.sandbox import procs
 from labkit.sandbox.node import launch
-
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
+from labkit.sandbox.node.namespaces import in_network
 
 
 @dataclass
 class Outcome:
     ok: bool
     message: str = ""
-
-
-@contextlib.contextmanager
-def network_of(pid: int | None):  # noqa: ANN201
-    """Run the block in process ``pid``'s network namespace (this thread only), then come back."""
-    if pid is None:
-        yield
-        return
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "cannot enter the pod's network namespace")
-        try:
-            yield
-        finally:
-            _libc.setns(own, CLONE_NEWNET)
-    finally:
-        os.close(own)
-        os.close(target)
 
 
 def _port(value: int | str, container: dict) -> int:
@@ -78,13 +54,12 @@ def http_get(spec: dict, container: dict, host: str, timeout: float, netns: int 
     headers = {"User-Agent": "kube-probe/1.36", "Accept": "*/*"}
     headers.update({h["name"]: h["value"] for h in spec.get("httpHeaders", [])})
     try:
-        with network_of(netns):
-            if scheme == "https":
-                context = ssl._create_unverified_context()  # the kubelet does not verify probe certificates
-                conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-            else:
-                conn = http.client.HTTPConnection(host, port, timeout=timeout)
-            conn.connect()
+        if scheme == "https":
+            context = ssl._create_unverified_context()  # the kubelet does not verify probe certificates
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        in_network(netns, conn.connect)  # from inside the pod's network: the socket stays there
         try:
             conn.request("GET", path, headers=headers)
             response = conn.getresponse()
@@ -107,8 +82,7 @@ def tcp_socket(spec: dict, container: dict, host: str, timeout: float, netns: in
     host = spec.get("host") or host
     try:
         port = _port(spec["port"], container)
-        with network_of(netns):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = in_network(netns, socket.socket, socket.AF_INET, socket.SOCK_STREAM)
         with sock:
             sock.settimeout(timeout)
             sock.connect((host, port))

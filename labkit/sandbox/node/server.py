@@ -48,7 +48,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from labkit.sandbox.node import logs, metrics, probes
+from labkit.sandbox.node import logs, metrics
+from labkit.sandbox.node.namespaces import in_network
 
 APISERVER_CLIENT = "kube-apiserver-kubelet-client"
 ADMIN_GROUP = "system:masters"
@@ -298,9 +299,8 @@ class _Handler(BaseHTTPRequestHandler):
         worker = find_pod(self.server.owner.workers(), namespace, pod)
         target = "/" + (parts[6] if len(parts) > 6 else "") + (f"?{url.query}" if url.query else "")
         try:
-            with probes.network_of(worker.network_pid()):
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=PROXY_TIMEOUT)
-                conn.connect()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=PROXY_TIMEOUT)
+            in_network(worker.network_pid(), conn.connect)  # from inside the pod's network
             try:
                 conn.request("GET", target, headers={"Accept": self.headers.get("Accept", "*/*")})
                 response = conn.getresponse()
