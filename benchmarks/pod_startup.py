@@ -219,8 +219,10 @@ def _parent(pid: int) -> int | None:
 
 def pod_processes(sandbox: Sandbox) -> list[int]:
     """The pods' own processes: every descendant of the node agent (which starts each container, as a
-    runtime's shim does), and any other process the sandbox counts as a container's."""
+    runtime's shim does) but the one that holds the pod network, and any other process the sandbox
+    counts as a container's."""
     agent = (sandbox.state.status() or {}).get("components", {}).get(NODE_AGENT, {}).get("pid")
+    network = (sandbox.status().get("network") or {}).get("pod_network_pid")
     children: dict[int | None, list[int]] = {}
     for pid in procs.all_pids():
         children.setdefault(_parent(pid), []).append(pid)
@@ -230,7 +232,7 @@ def pod_processes(sandbox: Sandbox) -> list[int]:
             found.add(child)
             stack.append(child)
     found.update(procs.running_in(sandbox.state.pods))
-    return sorted(pid for pid in found if procs.alive(pid))
+    return sorted(pid for pid in found if procs.alive(pid) and pid != network)
 
 
 def memory(sandbox: Sandbox, config: dict) -> dict[str, tuple[int, int]]:

@@ -273,7 +273,8 @@ def test_loss_and_bandwidth_change_what_gets_through(lab: Lab) -> None:
         slow = fetch(lab, big, via="other", timeout=20)
     finally:
         fault.remove()
-    assert slow["status"] == 200 and len(slow["body"]) == 250_000 and slow["seconds"] >= 1.8, slow["seconds"]
+    # 250 kB at 1 Mbit/s is 2 s of sending (milliseconds without the limit); the bound leaves a margin
+    assert slow["status"] == 200 and len(slow["body"]) == 250_000 and slow["seconds"] >= 1.5, slow["seconds"]
     assert fetch(lab, big, via="other")["seconds"] < 1
 
 

@@ -6,7 +6,7 @@ low-level container runtime does for the sandbox, with Linux namespaces and no
 images:
 
 * ``pause``: the pod's network and UTS namespaces (the hostname is the pod's
-  name; only loopback until pods get their own addresses), held by a sleeping
+  name; the agent joins the network to the pod network), held by a sleeping
   process, as the kubelet's pause container holds them.
 * ``run``: join the pod's namespaces and make a mount namespace (the agent is
   root, or root in its own user namespace). The root file system is a small

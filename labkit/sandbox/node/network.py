@@ -5,9 +5,10 @@ sleeping process as a pod's namespaces are held by its pause process. Each pod's
 network namespace is joined to it by a veth pair, routed as Calico routes it:
 
 * the pod's end is ``eth0``, with the pod's address as a /32 and a default route
-  via ``169.254.1.1``;
-* the pod network's end (``lk<pod uid>``) answers for ``169.254.1.1`` and has a
-  /32 route to the pod.
+  via ``169.254.1.1``, on the link;
+* the pod network's end (``lk<pod uid>``) has a /32 route to the pod, and answers
+  for ``169.254.1.1``, which the pod network has on its loopback (Linux answers
+  ARP on any interface for any of its addresses).
 
 So every packet between pods, to a Service or from the agent crosses the pod
 network's own IP stack, where Services are DNAT rules (``services.py``) and
@@ -36,6 +37,7 @@ from typing import Any, Callable
 
 from labkit.sandbox import procs
 from labkit.sandbox.node.namespaces import in_network
+from labkit.sandbox.node.netlink import Netlink
 
 GATEWAY = "169.254.1.1"
 # The pod network routes; it takes packets whose source is one of its own addresses, which is what the replies
@@ -179,18 +181,20 @@ class PodNetwork:
         address = self._allocate(cidr, uid)
         veth = veth_name(uid)
         gateway = self.node_ip(cidr)
-        outer = [f"link add {veth} type veth peer name eth0 netns {pause_pid}",
-                 f"link set {veth} up", f"addr add {GATEWAY}/32 dev {veth}",
-                 f"route replace {address}/32 dev {veth} scope link"]  # fmt: skip
-        if gateway not in self.gateways:
-            outer.insert(0, f"addr add {gateway}/32 dev lo")
         try:
-            self.run(outer)
-            self.gateways.add(gateway)
-            self.run(["link set lo up", "link set eth0 up", f"addr add {address}/32 dev eth0",
-                      f"route add {GATEWAY} dev eth0 scope link", f"route add default via {GATEWAY} dev eth0"],
-                     pid=pause_pid)  # fmt: skip
-        except (NetworkError, OSError, subprocess.TimeoutExpired) as exc:
+            with Netlink(self.pid) as outer:
+                if gateway not in self.gateways:  # the node's address, and (once) the pods' gateway, on lo
+                    outer.add_address("lo", gateway)
+                    if not self.gateways:
+                        outer.add_address("lo", GATEWAY)
+                    self.gateways.add(gateway)
+                outer.add_veth(veth, "eth0", pause_pid)
+                outer.add_route(address, veth)
+            with Netlink(pause_pid) as inner:
+                inner.up("eth0")
+                inner.add_address("eth0", address)
+                inner.add_route(None, "eth0", gateway=GATEWAY)
+        except OSError as exc:
             self.release(uid)
             raise NetworkError(f"the pod's network could not be set up: {exc}") from exc
         return address

@@ -115,6 +115,7 @@ class PodWorker(threading.Thread):
         self.mount_error = ""
         self.pause: subprocess.Popen | None = None  # holds the pod's network and UTS namespaces
         self.pause_ready = False  # its namespaces are made
+        self.sandbox_maker: threading.Thread | None = None  # makes them ready, and the pod's address
         self.ip: str | None = None  # its address on the pod network
         self.network_error = ""
         self.start_time = api_time()
@@ -265,20 +266,31 @@ class PodWorker(threading.Thread):
             self.event("FailedCreatePodSandBox", f"Failed to create pod sandbox: {exc}", kind="Warning")
             return
         procs.record(self.pause.pid, folder / "pause.pid")
+        # Its namespaces are made, and joined to the pod network, while the volumes are set up.
+        self.sandbox_maker = threading.Thread(target=self._make_sandbox, args=(self.pause,), daemon=True,
+                                              name=f"sandbox-{self.name}")  # fmt: skip
+        self.sandbox_maker.start()
+
+    def _make_sandbox(self, pause: subprocess.Popen) -> None:
+        """Wait until ``pause`` has made the pod's namespaces, then give the pod its address."""
+        deadline = time.monotonic() + 10
+        own = procs.namespace(os.getpid(), "net")
+        while pause.poll() is None and time.monotonic() < deadline:
+            if procs.namespace(pause.pid, "net") not in (None, own):
+                self.pause_ready = True
+                self._network()
+                return
+            time.sleep(0.005)
 
     def _sandbox(self) -> bool:
         """Whether the pod's namespaces are ready for its containers (waiting for the pause process to make them)."""
-        if not self.isolated or self.pause_ready:
+        if not self.isolated:
             return True
         if self.pause is None:
             return False
-        deadline = time.monotonic() + 10
-        own = procs.namespace(os.getpid(), "net")
-        while self.pause.poll() is None and time.monotonic() < deadline:
-            if procs.namespace(self.pause.pid, "net") not in (None, own):
-                self.pause_ready = True
-                return True
-            time.sleep(0.005)
+        self.sandbox_maker.join(15)
+        if self.pause_ready:
+            return True
         self.event("FailedCreatePodSandBox", "Failed to create pod sandbox: the pod's namespaces could not be "
                    f"made (pause process exit code {self.pause.poll()})", kind="Warning")  # fmt: skip
         _signal_group(self.pause, signal.SIGKILL)
