@@ -10,9 +10,13 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import eventually, kubectl, kubectl_json, module_cluster
 
 from labkit.sandbox.controlplane import Sandbox
+from labkit.sandbox.kubeapi import KubeAPI
+from labkit.sandbox.node.volumes import TOKEN_RETRIES, MountError, PodVolumes
 
 
 cluster = module_cluster("containers", nodes=1)
@@ -352,6 +356,36 @@ spec:
     p = pod(cluster, ns, "remote")
     assert p["status"]["phase"] == "Pending"
     assert status_of(p)["state"]["waiting"]["reason"] == "ContainerCreating"
+
+
+def test_a_refused_token_is_asked_again_then_fails_the_mount_saying_why(cluster: Sandbox, ns: str, tmp_path: Path) -> None:
+    # The API server's node authorizer refuses a token for a pod the asking node does not run: as it does for a
+    # moment after a pod is bound, before its graph has the binding. The agent asks again a few times, then
+    # fails the mount with the API server's reason.
+    apply(cluster, ns, """
+apiVersion: v1
+kind: Pod
+metadata: {name: elsewhere}
+spec:
+  containers: [{name: app, image: busybox, command: [sleep, "3600"]}]
+""")
+    p = eventually(lambda: pod(cluster, ns, "elsewhere").get("spec", {}).get("nodeName") and pod(cluster, ns, "elsewhere"),
+                   what="the pod to be bound")  # fmt: skip
+    pki = cluster.state.pki
+    stem = pki.ensure_node("node-elsewhere")
+    api = KubeAPI(cluster.server(cluster.state.load()), pki.cert("ca"), pki.cert(stem), pki.key(stem))
+    asked = []
+
+    def token(account: str, request: dict) -> dict:
+        asked.append(account)
+        return api.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts/{account}/token",
+                           {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": request})  # fmt: skip
+
+    volumes = PodVolumes(p, tmp_path, lambda *_: None, token, {})
+    with pytest.raises(MountError, match='failed to fetch token: serviceaccounts "default": HTTP 403') as failed:
+        volumes._token({"path": "token"})
+    assert "node-elsewhere" in str(failed.value)
+    assert len(asked) == TOKEN_RETRIES + 1
 
 
 def test_node_reports_each_containers_cpu_and_memory(cluster: Sandbox, ns: str) -> None:
