@@ -182,7 +182,8 @@ def test_a_missing_configmap_holds_the_container_until_it_exists(cluster: Sandbo
                          .get("reason") == "CreateContainerConfigError" and status_of(pod(cluster, ns, "needs")),
                          what="CreateContainerConfigError")  # fmt: skip
     assert 'configmap "later" not found' in waiting["state"]["waiting"]["message"]
-    assert any('configmap "later" not found' in e["message"] for e in events(cluster, ns, "Failed"))
+    eventually(lambda: any('configmap "later" not found' in e["message"] for e in events(cluster, ns, "Failed")),
+               what="a Failed event saying so")  # Events are posted in the background  # fmt: skip
     kubectl(cluster, "-n", ns, "create", "configmap", "later", "--from-literal=k=v")
     eventually(lambda: "got=v" in output(cluster, ns, "needs"), what="the container to start once it exists")
 
@@ -225,8 +226,8 @@ spec:
 """)
     p = eventually(lambda: status_of(p := pod(cluster, ns, "stuck")).get("restartCount", 0) >= 1 and p,
                    timeout=30, what="a restart after the liveness probe fails")  # fmt: skip
-    messages = [e["message"] for e in events(cluster, ns, "Killing")]
-    assert "Container app failed liveness probe, will be restarted" in messages
+    eventually(lambda: "Container app failed liveness probe, will be restarted"
+               in [e["message"] for e in events(cluster, ns, "Killing")], what="a Killing event saying why")  # fmt: skip
     assert any("Liveness probe failed: dial tcp 127.0.0.1:9999: connect: connection refused" in e["message"]
                for e in events(cluster, ns, "Unhealthy"))  # fmt: skip
     assert status_of(p)["lastState"]["terminated"]["exitCode"] in (137, 143)
