@@ -15,8 +15,10 @@ import pytest
 from conftest import eventually, kubectl, kubectl_json, module_cluster
 
 from labkit.sandbox.controlplane import Sandbox
-from labkit.sandbox.kubeapi import KubeAPI
-from labkit.sandbox.node.volumes import TOKEN_RETRIES, MountError, PodVolumes
+from labkit.sandbox.kubeapi import APIError, KubeAPI
+from labkit.sandbox.node.envvars import ConfigError
+from labkit.sandbox.node.pods import AUTHORIZER_RETRIES, as_node
+from labkit.sandbox.node.volumes import MountError, PodVolumes
 
 
 cluster = module_cluster("containers", nodes=1)
@@ -359,16 +361,23 @@ spec:
     assert status_of(p)["state"]["waiting"]["reason"] == "ContainerCreating"
 
 
-def test_a_refused_token_is_asked_again_then_fails_the_mount_saying_why(cluster: Sandbox, ns: str, tmp_path: Path) -> None:
-    # The API server's node authorizer refuses a token for a pod the asking node does not run: as it does for a
-    # moment after a pod is bound, before its graph has the binding. The agent asks again a few times, then
-    # fails the mount with the API server's reason.
+def test_a_request_the_node_authorizer_refuses_is_asked_again_then_fails_saying_why(
+        cluster: Sandbox, ns: str, tmp_path: Path) -> None:  # fmt: skip
+    # The API server's node authorizer refuses a node the ConfigMaps, Secrets and tokens of a pod it does not
+    # run: as it does for a moment after a pod is bound, before its graph has the binding. The agent asks
+    # again a few times; a refusal that stays fails the mount (retried later) with the API server's reason.
     apply(cluster, ns, """
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
+data: {mode: blue}
+---
 apiVersion: v1
 kind: Pod
 metadata: {name: elsewhere}
 spec:
-  containers: [{name: app, image: busybox, command: [sleep, "3600"]}]
+  containers: [{name: app, image: busybox, command: [sleep, "3600"], volumeMounts: [{name: s, mountPath: /s}]}]
+  volumes: [{name: s, configMap: {name: settings}}]
 """)
     p = eventually(lambda: pod(cluster, ns, "elsewhere").get("spec", {}).get("nodeName") and pod(cluster, ns, "elsewhere"),
                    what="the pod to be bound")  # fmt: skip
@@ -377,16 +386,22 @@ spec:
     api = KubeAPI(cluster.server(cluster.state.load()), pki.cert("ca"), pki.cert(stem), pki.key(stem))
     asked = []
 
-    def token(account: str, request: dict) -> dict:
-        asked.append(account)
-        return api.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts/{account}/token",
-                           {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": request})  # fmt: skip
+    def get(path: str) -> dict | None:
+        asked.append(path)
+        return api.get(path)
 
-    volumes = PodVolumes(p, tmp_path, lambda *_: None, token, {})
-    with pytest.raises(MountError, match='failed to fetch token: serviceaccounts "default": HTTP 403') as failed:
-        volumes._token({"path": "token"})
-    assert "node-elsewhere" in str(failed.value)
-    assert len(asked) == TOKEN_RETRIES + 1
+    def read(kind: str, name: str) -> dict | None:
+        try:
+            return as_node(lambda: get(f"/api/v1/namespaces/{ns}/{kind}/{name}"))
+        except APIError as exc:
+            raise ConfigError(f"couldn't get {kind[:-1]} {ns}/{name}: {exc}") from exc
+
+    volumes = PodVolumes(p, tmp_path, read, lambda *_: {}, {})
+    with pytest.raises(MountError, match=f"couldn't get configmap {ns}/settings: HTTP 403") as failed:
+        volumes.setup()
+    assert "no relationship found between node 'node-elsewhere'" in str(failed.value)
+    assert asked == [f"/api/v1/namespaces/{ns}/configmaps/settings"] * (AUTHORIZER_RETRIES + 1)
+    eventually(lambda: condition(pod(cluster, ns, "elsewhere"), "Ready") == "True", what="the pod Ready on its own node")
 
 
 def test_node_reports_each_containers_cpu_and_memory(cluster: Sandbox, ns: str) -> None:

@@ -23,6 +23,7 @@ import traceback
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import labkit
 from labkit import paths
@@ -39,9 +40,12 @@ BACKOFF_MAX = 300.0
 BACKOFF_RESET_AFTER = 600.0  # a container that ran 10 min resets its back-off
 PULL_BACKOFF_MAX = 300.0
 CONFIG_RETRY = 2.0  # a container waiting for a ConfigMap or Secret is tried again this often
+SYNC_RETRY = 2.0  # a pod whose sync failed unexpectedly is synced again after this
 OBJECT_TTL = 1.0  # ConfigMaps and Secrets read for a node's pods are reused this long
+AUTHORIZER_RETRIES, AUTHORIZER_RETRY_SECONDS = 10, 0.05  # a node's request the API server refuses (as_node)
 STANDARD_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 UNSUPPORTED_FEATURES = "ephemeralContainers", "resizePolicy"
+T = TypeVar("T")
 
 
 @dataclass
@@ -140,14 +144,19 @@ class PodWorker(threading.Thread):
         return [*self.init_containers, *self.containers]
 
     def _lookup(self, kind: str, name: str) -> dict | None:
-        """A ConfigMap or Secret of the pod's namespace, read with the node's credentials."""
-        return self.objects.get(f"/api/v1/namespaces/{self.pod['metadata']['namespace']}/{kind}/{name}")
+        """A ConfigMap or Secret of the pod's namespace, read with the node's credentials (None if it does not
+        exist); ConfigError if the API server cannot be asked or refuses."""
+        namespace = self.pod["metadata"]["namespace"]
+        try:
+            return as_node(lambda: self.objects.get(f"/api/v1/namespaces/{namespace}/{kind}/{name}"))
+        except (APIError, OSError) as exc:
+            raise envvars.ConfigError(f"couldn't get {kind[:-1]} {namespace}/{name}: {exc}") from exc
 
     def _token(self, account: str, spec: dict) -> dict:
         namespace = self.pod["metadata"]["namespace"]
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
-        return self.api.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token",
-                                body)["status"]  # fmt: skip
+        return as_node(lambda: self.api.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token",
+                                                body))["status"]  # fmt: skip
 
     def event(self, reason: str, message: str, kind: str = "Normal", container: Container | None = None) -> None:
         meta = self.pod["metadata"]
@@ -200,6 +209,7 @@ class PodWorker(threading.Thread):
         if missing:
             self.event("Unsupported", "labkit's node agent does not honour these, and runs the pod without "
                        "them: " + "; ".join(missing), kind="Warning")  # fmt: skip
+        failure = ""
         try:
             while True:
                 with self.lock:
@@ -207,7 +217,16 @@ class PodWorker(threading.Thread):
                 if deleting:
                     self._terminate()
                     return
-                self._pass()
+                try:
+                    self._pass()
+                except Exception as exc:  # noqa: BLE001 - a bad pass never takes the agent down; tried again
+                    if str(exc) != failure:
+                        failure = str(exc)
+                        self.log(f"pod worker {self.name}: {traceback.format_exc()}")
+                        self.event("FailedSync", f"error syncing pod, will retry: {exc}", kind="Warning")
+                    time.sleep(SYNC_RETRY)
+                    continue
+                failure = ""
                 time.sleep(0.2)
         except Exception as exc:  # noqa: BLE001 - a bad pod must never take the agent down
             self.log(f"pod worker {self.name} failed: {traceback.format_exc()}")
@@ -702,6 +721,21 @@ class PodWorker(threading.Thread):
 def _exit_code(returncode: int) -> int:
     """A container's exit code as a runtime reports it: killed by signal N is 128 + N."""
     return returncode if returncode >= 0 else 128 - returncode
+
+
+def as_node(call: Callable[[], T]) -> T:
+    """``call()``, a request with a node's credentials, asked again a few times while the API server refuses it:
+    its node authorizer learns of a pod's binding a moment after the agent's watch may see the pod ("no
+    relationship found between node ..."), and until then refuses the node that pod's ConfigMaps, Secrets
+    and ServiceAccount token."""
+    for retry in range(AUTHORIZER_RETRIES + 1):
+        try:
+            return call()
+        except APIError as exc:
+            if exc.status != 403 or retry == AUTHORIZER_RETRIES:
+                raise
+            time.sleep(AUTHORIZER_RETRY_SECONDS)
+    raise AssertionError("unreachable")
 
 
 def _signal_group(process: subprocess.Popen | None, sig: int) -> None:

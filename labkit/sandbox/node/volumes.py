@@ -23,7 +23,6 @@ from typing import Callable
 from labkit.sandbox.node import envvars
 
 TOKEN_SECONDS = 3607  # the kubelet's default projected token lifetime
-TOKEN_RETRIES, TOKEN_RETRY_SECONDS = 10, 0.05  # a refused token request, asked again (see _token)
 REFRESH_EVERY = 10.0  # the kubelet syncs configMap/secret volumes about once a minute; the sandbox is quicker
 
 Lookup = envvars.Lookup
@@ -140,7 +139,10 @@ class PodVolumes:
             path.mkdir(parents=True)  # an unset type creates a missing directory, as the kubelet does
 
     def _object_files(self, kind: str, ref: dict) -> dict[str, tuple[bytes, int | None]]:
-        obj = self.lookup(kind, ref["name"])
+        try:
+            obj = self.lookup(kind, ref["name"])
+        except envvars.ConfigError as exc:  # the API server could not be asked, or refused
+            raise MountError(str(exc)) from exc
         label = "configmap" if kind == "configmaps" else "secret"
         if obj is None:
             if ref.get("optional"):
@@ -206,17 +208,10 @@ class PodVolumes:
             "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]},
         }
         account = self.pod["spec"].get("serviceAccountName") or "default"
-        for retry in range(TOKEN_RETRIES + 1):
-            try:
-                status = self.token(account, request)
-                break
-            except Exception as exc:  # noqa: BLE001 - any API failure is a mount failure, retried later
-                # The API server authorizes a node's token requests from a graph of pods and nodes that follows
-                # the pods a moment later than the agent's watch may see one bound ("no relationship found
-                # between node ..."): a refusal is asked again soon, before it counts as a failure.
-                if getattr(exc, "status", None) != 403 or retry == TOKEN_RETRIES:
-                    raise MountError(f'failed to fetch token: serviceaccounts "{account}": {exc}') from exc
-                time.sleep(TOKEN_RETRY_SECONDS)
+        try:
+            status = self.token(account, request)
+        except Exception as exc:  # noqa: BLE001 - any API failure is a mount failure, retried later
+            raise MountError(f'failed to fetch token: serviceaccounts "{account}": {exc}') from exc
         self.tokens[path] = (status["token"], time.time() + 0.8 * seconds)
         return status["token"].encode()
 
