@@ -222,7 +222,7 @@ def pod_processes(sandbox: Sandbox) -> list[int]:
     runtime's shim does) but the one that holds the pod network, and any other process the sandbox
     counts as a container's."""
     agent = (sandbox.state.status() or {}).get("components", {}).get(NODE_AGENT, {}).get("pid")
-    network = (sandbox.status().get("network") or {}).get("pod_network_pid")
+    network = sandbox.network_record().get("pod_network_pid")
     children: dict[int | None, list[int]] = {}
     for pid in procs.all_pids():
         children.setdefault(_parent(pid), []).append(pid)

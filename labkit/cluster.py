@@ -45,7 +45,7 @@ from labkit.sandbox import kubeapi
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
-STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+STRATEGIC_MERGE_PATCH = kubeapi.STRATEGIC_MERGE_PATCH
 
 
 class APIError(LabkitError):

@@ -657,7 +657,7 @@ class Sandbox:
             "ports": config["ports"],
             "memory": sum(c.memory for c in components),
             "components": [c.__dict__ for c in components],
-            "network": self._network_record() if supervisor and config.get("nodes") else None,
+            "network": self.network_record() if supervisor and config.get("nodes") else None,
         }
 
     def service_url(self, namespace: str, name: str, port: int | None = None) -> str:
@@ -682,7 +682,7 @@ class Sandbox:
             raise LabkitError(f"Service {namespace}/{name} cannot be forwarded: {body.strip()}")
         return f"http://127.0.0.1:{json.loads(body)['port']}"
 
-    def _network_record(self) -> dict:
+    def network_record(self) -> dict:
         """The pod network as the node agent recorded it at its start (run/network.json)."""
         try:
             return json.loads((self.state.run / "network.json").read_text())

@@ -123,17 +123,11 @@ class PodNetwork:
 
     def run(self, commands: list[str], pid: int | None = None) -> None:
         """``ip -batch`` in the network namespace of ``pid`` (default: the pod network's)."""
-        done = in_network(pid or self.pid, subprocess.run, [tool("ip"), "-batch", "-"], input="\n".join(commands) + "\n",
-                          capture_output=True, text=True, timeout=30)  # the child starts in the caller's network
-        if done.returncode != 0:
-            raise NetworkError(done.stderr.strip() or f"ip exited with {done.returncode}")
+        _feed(pid or self.pid, ["ip", "-batch", "-"], "\n".join(commands) + "\n")
 
     def nft(self, text: str) -> None:
         """``nft -f -`` in the pod network."""
-        done = in_network(self.pid, subprocess.run, [tool("nft"), "-f", "-"], input=text, capture_output=True, text=True,
-                          timeout=30)  # fmt: skip
-        if done.returncode != 0:
-            raise NetworkError(done.stderr.strip()[-2000:] or f"nft exited with {done.returncode}")
+        _feed(self.pid, ["nft", "-f", "-"], text)
 
     def add_services(self, service_cidr: str, *addresses: str) -> None:
         """The Service range, local to the pod network (so that a ClusterIP nothing answers for is refused by the
@@ -198,6 +192,15 @@ class PodNetwork:
             self.release(uid)
             raise NetworkError(f"the pod's network could not be set up: {exc}") from exc
         return address
+
+
+def _feed(pid: int, argv: list[str], text: str) -> None:
+    """Run tool ``argv`` with ``text`` on its input in the network namespace of ``pid`` (the child starts in
+    the caller's network); NetworkError with what it said if it fails."""
+    done = in_network(pid, subprocess.run, [tool(argv[0]), *argv[1:]], input=text, capture_output=True, text=True,
+                      timeout=30)  # fmt: skip
+    if done.returncode != 0:
+        raise NetworkError(done.stderr.strip()[-2000:] or f"{argv[0]} exited with {done.returncode}")
 
 
 def _sleeping(pid: int) -> bool:
