@@ -7,8 +7,11 @@ PYTEST_ARGS ?=
 
 .PHONY: setup system binaries lab test test-rootless book sandbox-up sandbox-down bench clean
 
-## setup: virtual environment with labkit (editable) and dev tools, plus the sandbox binaries
+## setup: virtual environment with labkit (editable) and dev tools, plus the sandbox binaries. labkit's
+## bytecode is compiled here, as pip does for an ordinary install: every lab kernel imports labkit, and
+## where PYTHONDONTWRITEBYTECODE is set (many images set it) each would compile it again.
 setup: $(VENV)/.installed binaries system
+	$(BIN)/python -m compileall -q labkit
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "labkit needs Python 3.10+ ($(PYTHON) not found)"; exit 1; }

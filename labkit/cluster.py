@@ -40,6 +40,7 @@ from typing import Any, Callable
 import yaml
 
 from labkit.errors import LabkitError
+from labkit.paths import sandboxes_root
 from labkit.sandbox import kubeapi
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -373,8 +374,6 @@ def sandbox_of(path: Path | None) -> str | None:
     """The local sandbox whose kubeconfig ``path`` is, if it is one (graders point $KUBECONFIG at one)."""
     if path is None:
         return None
-    from labkit.sandbox.state import sandboxes_root
-
     try:
         relative = path.resolve().relative_to(sandboxes_root().resolve())
     except ValueError:

@@ -36,6 +36,7 @@ from typing import Any
 from labkit import display, manifests, readiness
 from labkit.cluster import APPLY_PATCH, APIError, Cluster, connect
 from labkit.errors import LabkitError
+from labkit.sandbox.node.quantity import rate_bits
 
 LAB_LABEL = "labkit.io/lab"
 RUN_LABEL = "labkit.io/run"
@@ -121,13 +122,13 @@ class NetworkFault:
 
 
 def _rate(rate: str | float) -> float:
-    """Bits a second from ``"1mbit"``, ``"500kbit"``, ``"2gbit"`` or a number."""
+    """Bits a second from ``"1mbit"``, ``"500kbit"``, ``"1mbps"`` (bytes) or a number."""
     if isinstance(rate, (int, float)):
         return float(rate)
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmg]?)bit\s*", rate.lower())
-    if not match:
-        raise LabkitError(f"{rate!r} is not a rate.", hint='Write it as tc does: "1mbit", "500kbit", "2gbit".')
-    return float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[match.group(2)]
+    try:
+        return rate_bits(rate)
+    except ValueError as exc:
+        raise LabkitError(str(exc), hint='Write it as tc does: "1mbit", "500kbit", "2gbit".') from None
 
 
 class Lab:
@@ -170,7 +171,7 @@ class Lab:
             if time.monotonic() > deadline:
                 raise LabkitError(f"The namespace {name} got no default ServiceAccount within 30 s.",
                                   hint="The cluster's controller manager may be down: `kubectl get --raw /readyz`.")  # fmt: skip
-            time.sleep(0.05)
+            time.sleep(0.02)
         return name
 
     def _sweep_dead_kernels(self) -> None:
@@ -354,7 +355,7 @@ class Lab:
                     line.finish(f"{target}: {summary} after {timeout:.0f} s", ok=False)
                     raise LabkitError(f"{target} was not ready after {timeout:.0f} s ({summary}).", hint=self._diagnose(target))
                 line.update(f"{target}: {summary}" + (f" — {problem}" if problem else "") + f" ({elapsed:.0f} s)")
-                time.sleep(0.1)
+                time.sleep(0.05)
         except KeyboardInterrupt:
             line.finish(f"{target}: {summary} (interrupted)", ok=False)
             raise LabkitError(

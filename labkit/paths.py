@@ -64,3 +64,8 @@ def runtime_root() -> Path | None:
 def state_root() -> Path:
     override = os.environ.get("LABKIT_STATE_DIR")
     return Path(override) if override else _xdg("XDG_STATE_HOME", ".local/state") / "labkit"
+
+
+def sandboxes_root() -> Path:
+    """Where each sandbox's state folder is, by name."""
+    return state_root() / "sandboxes"

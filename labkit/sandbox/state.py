@@ -29,16 +29,12 @@ from pathlib import Path
 from typing import Iterator
 
 from labkit.errors import LabkitError
-from labkit.paths import runtime_root, state_root
+from labkit.paths import runtime_root, sandboxes_root, state_root
 from labkit.sandbox.pki import PKI
 
 FORMAT = 1
 DEFAULT_NAME = "default"
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
-
-
-def sandboxes_root() -> Path:
-    return state_root() / "sandboxes"
 
 
 def validate_name(name: str) -> str:

@@ -11,6 +11,9 @@ machine, run as a local process:
   registry (``ghcr.io/labkit/web:2.0``), run ``python3 -m labkit.apps.web``
   with the tag as the release (``APP_VERSION``). Only the published releases
   exist, so a mistyped tag fails as it does on a cluster;
+* ``pause`` (``registry.k8s.io/pause``, ``gcr.io/google-containers/pause``):
+  a process that only waits, as the real one does (Chaos Mesh's pod-failure
+  swaps a container's image for it);
 * etcd's official images (``registry.k8s.io/etcd``, ``quay.io/coreos/etcd``,
   ``gcr.io/etcd-development/etcd``) give the sandbox's pinned etcd, whatever
   the tag: the image id says which version really runs.
@@ -90,6 +93,8 @@ def resolve(reference: str) -> Image | None:
     repo = repository(reference)
     if repo in SHELL_IMAGES:
         return Image(reference, (), ("sh",), f"labkit.local/{repo}@shell")
+    if repo == "pause":  # the pod sandbox's image (registry.k8s.io/pause): a process that only waits
+        return Image(reference, ("sleep",), ("infinity",), f"labkit.local/pause@{ref.tag or 'latest'}")
     if repo == "python":
         return Image(reference, (), ("python3",), f"labkit.local/{repo}@python{sys.version_info[0]}")
     app = next((path for path in APP_MODULES if ref.path == path or ref.path.endswith("/" + path)), None)

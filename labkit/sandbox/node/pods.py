@@ -72,6 +72,8 @@ class Container:
     kill_deadline: float = 0.0  # being stopped: SIGKILL at this time
     oom: bool = False
     measured: usage.Usage | None = None  # CPU and memory, from the last sample
+    changed: bool = False  # its image was changed in the pod's spec: restart it with the new one
+    stressors: list[subprocess.Popen] = field(default_factory=list)  # load injected into it (StressChaos)
 
     @property
     def name(self) -> str:
@@ -123,6 +125,7 @@ class PodWorker(threading.Thread):
         self.ip: str | None = None  # its address on the pod network
         self.network_error = ""
         self.start_time = api_time()
+        self.taken = time.monotonic()  # the probes tick from here
         self.finished = threading.Event()
         self.last_reported: str | None = None
         self.held: list[dict] | None = None  # Events of the pass under way, sent once its status is
@@ -134,6 +137,49 @@ class PodWorker(threading.Thread):
         with self.lock:
             self.pod = pod
             self.volumes.pod = pod  # labels and annotations feed downward API volumes
+            # A container's image is the one field of its spec an update may change: the kubelet restarts
+            # the container with the new image (`kubectl set image` on a pod; Chaos Mesh's pod-failure).
+            images_now = {spec["name"]: spec.get("image", "") for spec in pod["spec"].get("containers", [])}
+            for c in self.containers:
+                image = images_now.get(c.name)
+                if image is not None and image != c.spec.get("image", ""):
+                    c.spec = {**c.spec, "image": image}
+                    c.changed = True
+
+    # -- what chaos experiments do to containers (the node's part of Chaos Mesh's chaos daemon) -------------
+
+    def container(self, name: str) -> Container | None:
+        return next((c for c in self.containers if c.name == name), None)
+
+    def kill_container(self, name: str) -> bool:
+        """SIGKILL a running container, as a runtime's container kill does; it restarts per the pod's
+        restartPolicy. False if it does not run."""
+        c = self.container(name)
+        if c is None or c.process is None or c.process.poll() is not None:
+            return False
+        _signal_group(c.process, signal.SIGKILL)
+        return True
+
+    def stress(self, name: str, argv: list[str]) -> bool:
+        """Run ``argv`` as load inside a running container (its namespaces): its CPU and memory count as the
+        container's, so a memory stressor can push it past its limit. False if the container does not run."""
+        c = self.container(name)
+        if c is None or c.process is None or c.process.poll() is not None:
+            return False
+        spec = {"mode": "join" if self.isolated else "plain", "pid": c.process.pid, "argv": argv,
+                "env": {"PATH": _path(()), "PYTHONPATH": images.SOURCE_ROOT}, "cwd": "/", "required": ["mnt", "net"]}
+        process = subprocess.Popen(launch.command(spec), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        c.stressors.append(process)
+        return True
+
+    def unstress(self, name: str) -> None:
+        c = self.container(name)
+        for process in c.stressors if c else []:
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+        if c:
+            c.stressors.clear()
 
     @property
     def path(self) -> str:
@@ -378,7 +424,8 @@ class PodWorker(threading.Thread):
 
     def _watch(self, c: Container) -> None:
         """A running container: its memory limit, its probes, the end of its grace period."""
-        c.measured = usage.Monitor.get().of(c.process.pid)
+        monitor = usage.Monitor.get()
+        c.measured = usage.total([monitor.of(c.process.pid), *(monitor.of(s.pid) for s in c.stressors)])
         limit = c.memory_limit
         if limit and c.measured and c.measured.memory_bytes > limit:
             c.oom = True
@@ -387,6 +434,9 @@ class PodWorker(threading.Thread):
             _signal_group(c.process, signal.SIGKILL)
         elif c.prober and c.prober.restart_reason and not c.kill_deadline:
             self.event("Killing", c.prober.restart_reason, container=c)
+            self._stop(c, self._grace(c))
+        elif c.changed and not c.kill_deadline:
+            self.event("Killing", f"Container {c.name} definition changed, will be restarted", container=c)
             self._stop(c, self._grace(c))
 
     def _grace(self, c: Container) -> float:
@@ -427,6 +477,7 @@ class PodWorker(threading.Thread):
         return None if outcome.ok else outcome.message
 
     def _start(self, c: Container) -> None:
+        c.changed = False  # whatever its image is now, this start runs it
         image = images.resolve(c.spec.get("image", ""))
         if image is None:
             self._pull_failed(c)
@@ -490,7 +541,8 @@ class PodWorker(threading.Thread):
         self.event("Started", f"Started container {c.name}", container=c)
         if not c.init and probes.Prober.wanted(c.spec):
             c.prober = probes.Prober(c.spec, c.process.pid if self.isolated else None, self.network_pid(), env, c.cwd,
-                                     lambda reason, message, kind: self.event(reason, message, kind, container=c))
+                                     lambda reason, message, kind: self.event(reason, message, kind, container=c),
+                                     self.source.relist, self.taken)
             c.prober.start()
         hook = c.spec.get("lifecycle", {}).get("postStart")
         if hook:
@@ -557,10 +609,19 @@ class PodWorker(threading.Thread):
         if c.prober:
             c.prober.stop()
             c.prober = None
+        for stressor in c.stressors:  # load injected into it dies with it
+            _signal_group(stressor, signal.SIGKILL)
+        c.stressors.clear()
         c.process = None
         c.oom = False
         c.kill_deadline = 0.0
         c.measured = None
+        if c.changed:  # stopped to run its new image: started again at once, whatever the policy
+            c.changed = False
+            c.last_state = {"terminated": terminated}
+            c.restarting = True
+            c.state = {"terminated": terminated}
+            return
         restart = policy == "Always" or (policy == "OnFailure" and exit_code != 0)
         if not restart:
             c.state = {"terminated": terminated}
@@ -710,6 +771,8 @@ class PodWorker(threading.Thread):
         for c in self.all_containers():
             if c.prober:
                 c.prober.stop()
+            for stressor in c.stressors:
+                _signal_group(stressor, signal.SIGKILL)
             if c.process is not None and c.process.poll() is None:
                 _signal_group(c.process, signal.SIGKILL)
                 c.process.wait()
@@ -796,6 +859,7 @@ class PodSource(threading.Thread):
         self.paused = threading.Event()  # set while the node is "lost"
         self.events = EventSink(api, log)
         self.objects = ObjectCache(api, OBJECT_TTL)
+        self.relist = probes.Relist()  # when this node's probes see a new container
         self.isolated = False
         self.networking = networking  # the agent's pod network, shared by its nodes (None: pods have no addresses)
         self._cidr: str | None = None

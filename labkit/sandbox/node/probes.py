@@ -2,18 +2,21 @@
 
 Each probe runs on its own schedule (initialDelaySeconds, periodSeconds,
 timeoutSeconds, successThreshold, failureThreshold, with the API's defaults).
-Until a startup probe succeeds the other two wait; a failed startup or liveness
-probe asks the pod worker to restart the container; readiness decides whether
-the container counts as ready. httpGet and tcpSocket probes connect from inside
-the pod's network namespace, exec probes run in the container's namespaces, so
-each probe sees what it would see on a real node. Failures are reported as the
-kubelet words them, in ``Unhealthy`` events.
+They are timed as the kubelet times them. Its probe workers tick every
+periodSeconds from when the node took the pod, and it learns that a container
+runs only when its pod lifecycle event generator next lists the containers,
+once a second. So a container's first readiness probe comes at that relist (up
+to a second after the start, never at the instant the process starts, before
+any application could listen), its first liveness and startup probes at the
+first tick after it, none before initialDelaySeconds, and the later ones on the
+ticks.
 """
 
 from __future__ import annotations
 
 import http.client
 import os
+import random
 import socket
 import ssl
 import subprocess
@@ -27,10 +30,25 @@ from labkit.sandbox.node import launch
 from labkit.sandbox.node.namespaces import in_network
 
 
+RELIST_PERIOD = 1.0  # the kubelet's (generic) pod lifecycle event generator lists containers once a second
+
+
 @dataclass
 class Outcome:
     ok: bool
     message: str = ""
+
+
+class Relist:
+    """One node's relist clock: ticks once a period, at a phase of its own (each node's kubelet keeps its own)."""
+
+    def __init__(self, period: float = RELIST_PERIOD) -> None:
+        self.period = period
+        self.phase = random.uniform(0, period)
+
+    def next(self, after: float) -> float:
+        """The first tick at or after ``after`` (a ``time.monotonic()`` reading)."""
+        return after + (self.phase - after) % self.period
 
 
 def _port(value: int | str, container: dict) -> int:
@@ -142,7 +160,7 @@ KINDS = (("startupProbe", "Startup"), ("livenessProbe", "Liveness"), ("readiness
 class _Schedule:
     """One probe's settings and its running tally."""
 
-    def __init__(self, spec: dict) -> None:
+    def __init__(self, spec: dict, origin: float) -> None:
         self.spec = spec
         self.initial = float(spec.get("initialDelaySeconds", 0))
         self.period = float(spec.get("periodSeconds", 10))
@@ -151,16 +169,25 @@ class _Schedule:
         self.failures_allowed = int(spec.get("failureThreshold", 3))
         self.successes = 0
         self.failures = 0
+        self.origin = origin  # its ticks: origin + k * period
         self.next_at = 0.0
+
+    def tick_after(self, moment: float, inclusive: bool = False) -> float:
+        """The first tick after ``moment`` (or at it, if ``inclusive``)."""
+        ticks = (moment - self.origin) / self.period
+        whole = int(ticks)
+        return self.origin + (whole if inclusive and whole == ticks else whole + 1) * self.period
 
 
 class Prober(threading.Thread):
     """Probes one running container; the pod worker reads ``ready``/``started`` and ``restart_reason``."""
 
     def __init__(self, container: dict, pid: int | None, pod_pid: int | None, env: dict[str, str], cwd: str,
-                 event: Callable[[str, str, str], None]) -> None:  # fmt: skip
+                 event: Callable[[str, str, str], None], relist: Relist, taken: float) -> None:  # fmt: skip
         """``pid``: the container's process, for exec probes (None: containers have no namespaces here);
-        ``pod_pid``: the pod's pause process, whose network namespace the network probes use."""
+        ``pod_pid``: the pod's pause process, whose network namespace the network probes use; ``relist``: the
+        node's relist clock; ``taken``: when the node took the pod (``time.monotonic()``), which the probes'
+        ticks count from."""
         super().__init__(name=f"probe-{container['name']}-{pid}", daemon=True)
         self.container = container
         self.netns = pod_pid
@@ -168,8 +195,9 @@ class Prober(threading.Thread):
         self.env = env
         self.cwd = cwd
         self.event = event  # (reason, message, type)
+        self.relist = relist
         self.stopped = threading.Event()
-        self.schedules = {kind: _Schedule(container[key]) for key, kind in KINDS if container.get(key)}
+        self.schedules = {kind: _Schedule(container[key], taken) for key, kind in KINDS if container.get(key)}
         self.started = "Startup" not in self.schedules
         self.ready = "Readiness" not in self.schedules
         self.restart_reason: str | None = None  # set once a startup/liveness probe has failed for good
@@ -191,24 +219,33 @@ class Prober(threading.Thread):
             return exec_action(spec["exec"], self.env, self.cwd, schedule.timeout, self.join_pid)
         return Outcome(False, "the sandbox supports httpGet, tcpSocket and exec probes")
 
+    def plan(self, begun: float) -> None:
+        """Time each probe's first run, for a container that started at ``begun``."""
+        seen = self.relist.next(begun)  # when the kubelet would learn that the container runs
+        for kind, schedule in self.schedules.items():
+            allowed = begun + schedule.initial
+            if kind == "Readiness" and seen >= allowed:
+                schedule.next_at = seen  # the status sync that saw it asks for a readiness probe at once
+            else:
+                schedule.next_at = schedule.tick_after(max(seen, allowed), inclusive=True)
+
     def run(self) -> None:
         if self.join_pid is not None:
             wait_entered(self.join_pid, self.stopped)
-        begun = time.monotonic()
-        for schedule in self.schedules.values():
-            schedule.next_at = begun + schedule.initial
+        self.plan(time.monotonic())
         while not self.stopped.is_set() and self.restart_reason is None:
             now = time.monotonic()
-            for kind, schedule in self.schedules.items():
-                if now < schedule.next_at or (kind != "Startup" and not self.started):
+            active = {kind: schedule for kind, schedule in self.schedules.items()
+                      if (kind == "Startup") != self.started}  # startup until it succeeds, then the others
+            for kind, schedule in active.items():
+                if now < schedule.next_at:
                     continue
-                if kind == "Startup" and self.started:
-                    continue
-                schedule.next_at = now + schedule.period
+                schedule.next_at = schedule.tick_after(now)
                 self._record(kind, schedule, self.probe(schedule))
                 if self.stopped.is_set() or self.restart_reason:
                     return
-            self.stopped.wait(0.1)
+            due = min((schedule.next_at for schedule in active.values()), default=now + 0.1)
+            self.stopped.wait(min(0.1, max(0.0, due - time.monotonic())))
 
     def _record(self, kind: str, schedule: _Schedule, outcome: Outcome) -> None:
         if outcome.ok:

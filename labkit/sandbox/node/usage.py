@@ -49,6 +49,14 @@ def scan() -> dict[int, Usage]:
     return {sid: Usage(int(m), c, int(n)) for sid, (m, c, n) in totals.items()}
 
 
+def total(parts: list[Usage | None]) -> Usage | None:
+    """The sum of several sessions' use (a container and the load injected into it); None if none is known."""
+    known = [part for part in parts if part is not None]
+    if not known:
+        return None
+    return Usage(sum(u.memory_bytes for u in known), sum(u.cpu_seconds for u in known), sum(u.processes for u in known))
+
+
 class Monitor(threading.Thread):
     """Keeps the latest scan; started once per agent, on first use."""
 
