@@ -7,10 +7,13 @@ machine, run as a local process:
 * base images (``busybox``, ``alpine``, ...) give the local shell, so that
   ``command: [sh, -c, ...]`` works as written, and ``python`` images the local
   Python;
-* the course's own apps, ``labkit/web`` and ``labkit/loadgen`` under any
-  registry (``ghcr.io/labkit/web:2.0``), run ``python3 -m labkit.apps.web``
-  with the tag as the release (``APP_VERSION``). Only the published releases
-  exist, so a mistyped tag fails as it does on a cluster;
+* the course's own apps, ``labkit/web``, ``labkit/loadgen`` and
+  ``labkit/platform`` under any registry (``ghcr.io/labkit/web:2.0``), run
+  ``python3 -m labkit.apps.web`` (and so on) with the tag as the release
+  (``APP_VERSION``). Each app exists only at its own published releases
+  (``labkit.apps.APP_RELEASES``: web and loadgen 1.0, 2.0 and 3.0, the platform
+  1.0 to 1.4), so a mistyped tag fails as it does on a cluster. The platform's
+  image runs one of its four roles, given as the container's ``args``;
 * ``pause`` (``registry.k8s.io/pause``, ``gcr.io/google-containers/pause``):
   a process that only waits, as the real one does (Chaos Mesh's pod-failure
   swaps a container's image for it);
@@ -30,12 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import labkit
-from labkit.apps import DEFAULT_RELEASE, RELEASES
+from labkit.apps import APP_RELEASES, DEFAULT_RELEASE
 from labkit.sandbox import binaries
 from labkit.sandbox.versions import pins
 
 SHELL_IMAGES = ("busybox", "alpine", "debian", "ubuntu")
-APP_MODULES = {"labkit/web": "labkit.apps.web", "labkit/loadgen": "labkit.apps.loadgen"}
+APP_MODULES = {"labkit/web": "labkit.apps.web", "labkit/loadgen": "labkit.apps.loadgen",
+               "labkit/platform": "labkit.apps.platform"}  # fmt: skip
 ETCD_IMAGES = ("registry.k8s.io/etcd", "k8s.gcr.io/etcd", "quay.io/coreos/etcd", "gcr.io/etcd-development/etcd")
 SOURCE_ROOT = str(Path(labkit.__file__).resolve().parent.parent)  # the folder holding the labkit package
 
@@ -106,9 +110,9 @@ def resolve(reference: str) -> Image | None:
 
 
 def _app_image(reference: str, app: str, tag: str) -> Image | None:
-    """One of the course's apps at the release its tag names; an unpublished tag does not exist."""
+    """One of the course's apps at the release its tag names; a tag that app was not published under does not exist."""
     release = DEFAULT_RELEASE if tag in ("", "latest") else tag
-    if release not in RELEASES:
+    if release not in APP_RELEASES[app.rsplit("/", 1)[-1]]:
         return None
     env = (("APP_VERSION", release), ("PYTHONPATH", SOURCE_ROOT), ("PYTHONUNBUFFERED", "1"))
     return Image(reference, ("python3", "-m", APP_MODULES[app]), (), f"labkit.local/{app}@{release}", env=env)
