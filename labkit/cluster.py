@@ -44,8 +44,8 @@ from labkit.paths import sandboxes_root
 from labkit.sandbox import kubeapi
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-APPLY_PATCH = "application/apply-patch+yaml"
-MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = kubeapi.APPLY_PATCH
+MERGE_PATCH = kubeapi.MERGE_PATCH
 STRATEGIC_MERGE_PATCH = kubeapi.STRATEGIC_MERGE_PATCH
 
 

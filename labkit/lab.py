@@ -31,11 +31,13 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from labkit import display, manifests, readiness
+from labkit.chaos import Chaos, workload_steady
 from labkit.cluster import APPLY_PATCH, APIError, Cluster, connect
 from labkit.errors import LabkitError
+from labkit.recovery import Measurement, Recovery, timeline
 from labkit.sandbox.node.quantity import rate_bits
 
 LAB_LABEL = "labkit.io/lab"
@@ -43,6 +45,11 @@ RUN_LABEL = "labkit.io/run"
 OWNER = "labkit.io/owner"  # host:pid:start of the kernel that made a namespace, so a dead one's can be swept
 FIELD_MANAGER = "labkit"
 DEFAULT_TIMEOUT = 120.0
+# kubectl verbs that change the cluster: a trainee's action, for time-to-recover figures
+WRITING_VERBS = {"apply", "create", "delete", "edit", "patch", "replace", "scale", "autoscale", "set", "label",
+                 "annotate", "rollout", "cordon", "uncordon", "drain", "taint", "expose", "run"}  # fmt: skip
+VALUED_FLAGS = {"-n", "--namespace", "-l", "--selector", "-o", "--output", "-f", "--filename", "-c", "--container",
+                "--context", "--kubeconfig"}  # fmt: skip
 
 _labs: dict[str, Lab] = {}
 
@@ -145,6 +152,10 @@ class Lab:
         self.applied: set[manifests.Kind] = set()
         self.views: list[Any] = []
         self.faults: dict[str, NetworkFault] = {}
+        self.actions: list[float] = []  # when the trainee changed something (time.time()), for recovery figures
+        self.recoveries: list[Recovery] = []
+        self.lost_nodes: set[str] = set()
+        self._chaos: Chaos | None = None
         self.namespace = self._make_namespace()
         atexit.register(self.close, quiet=True)
         where = "its own namespace" if not self.shared else "your namespace"
@@ -204,9 +215,14 @@ class Lab:
         try:
             for fault in list(self.faults.values()):
                 fault.remove(quiet=True)
+            for node in list(self.lost_nodes):
+                self.restore_node(node, quiet=True)
         except LabkitError:
             pass
         try:
+            if self._chaos is not None and self.shared:  # in its own namespace they go with it
+                for experiment in list(self._chaos.experiments.values()):
+                    self.cluster.request("DELETE", experiment.path)
             if not self.shared:
                 self.cluster.request("DELETE", f"/api/v1/namespaces/{self.namespace}")
             else:
@@ -243,6 +259,10 @@ class Lab:
     def apply(self, manifest: Any) -> Applied:
         """Create or update the objects in ``manifest`` (YAML text, a file, a dict or a list) in the lab's
         namespace, as ``kubectl apply --server-side`` does; the names applied, as ``kind/name``."""
+        return self._apply(manifest, action=True)
+
+    def _apply(self, manifest: Any, action: bool) -> Applied:
+        """``apply``; ``action``: a trainee's change (injecting a fault is not one)."""
         applied = Applied()
         for obj in manifests.load(manifest):
             kind = self.kinds.of(obj["apiVersion"], obj["kind"])
@@ -262,6 +282,8 @@ class Lab:
             except APIError as exc:
                 raise LabkitError(f"The API server refused {kind.label}/{name}: {exc.message}", hint=exc.hint) from None
             self.applied.add(kind)
+            if action:
+                self.actions.append(time.time())
             applied.append(f"{kind.kind.lower()}/{name}")
             self.say(f"{kind.label}/{name} applied")
         return applied
@@ -283,6 +305,7 @@ class Lab:
     def delete(self, target: str, wait: bool = True, timeout: float = 60) -> None:
         """Delete ``target`` (its pods go with it); wait until it is gone unless ``wait`` is False."""
         kind, name = self._locate(target)
+        self.actions.append(time.time())
         try:
             self.request("DELETE", kind.path(self.namespace, name), {"propagationPolicy": "Foreground"})
         except APIError as exc:
@@ -390,6 +413,8 @@ class Lab:
         if not any(a in ("-n", "-A", "--all-namespaces") or a.startswith("--namespace") for a in argv):
             argv = ["-n", self.namespace, *argv]
         command = [*self.cluster.kubectl_command(), *argv]
+        if _writes(argv):
+            self.actions.append(time.time())
         try:
             done = subprocess.run(command, capture_output=True, text=True, input=input, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -563,6 +588,77 @@ class Lab:
         status, body = self.cluster.send("GET", api_path, timeout=timeout)
         return Response(status, body.decode(errors="replace"))
 
+    # -- chaos, node loss and recovery --------------------------------------------------------
+
+    @property
+    def chaos(self) -> Chaos:
+        """Chaos Mesh experiments in the lab's namespace: ``lab.chaos.pod_kill("deployment/web")`` and more."""
+        if self._chaos is None:
+            self._chaos = Chaos(self)
+        return self._chaos
+
+    def lose_node(self, node: str | None = None) -> str:
+        """Stop a node of the local sandbox as if its machine were lost (its processes die, no heartbeats);
+        by default the node running most of the lab's pods. Its name; ``restore_node`` brings it back."""
+        sandbox = self._local_sandbox()
+        if node is None:
+            counts: dict[str, int] = {}
+            for pod in self.pods():
+                if pod["spec"].get("nodeName"):
+                    counts[pod["spec"]["nodeName"]] = counts.get(pod["spec"]["nodeName"], 0) + 1
+            if not counts:
+                raise LabkitError("No pod of the lab runs on a node yet, so there is no node to choose.",
+                                  hint="Name one: `lab.lose_node('node-2')`.")  # fmt: skip
+            node = max(sorted(counts), key=counts.get)
+        sandbox.set_node_running(node, False, say=self.say)
+        self.lost_nodes.add(node)
+        return node
+
+    def restore_node(self, node: str, quiet: bool = False) -> None:
+        """Bring back a node ``lose_node`` stopped."""
+        self._local_sandbox().set_node_running(node, True, say=(lambda _: None) if quiet else self.say)
+        self.lost_nodes.discard(node)
+
+    def _local_sandbox(self):  # noqa: ANN202 - a labkit.sandbox.controlplane.Sandbox
+        if not self.cluster.sandbox:
+            raise LabkitError("Losing a node works on the local sandbox only.",
+                              hint="On a real cluster, drain the node (`kubectl drain`) or stop its machine.")  # fmt: skip
+        from labkit.sandbox.controlplane import Sandbox
+
+        return Sandbox(self.cluster.sandbox)
+
+    def measure(self, fault: str, target: str, *, steady: Callable[[], bool] | None = None,
+                symptom: Callable[[], bool] | None = None, within: float = 120) -> Measurement:  # fmt: skip
+        """Time to detect and to recover a fault injected in the ``with`` block (see ``labkit.recovery``):
+        ``steady`` is the steady state (default: ``target`` has every replica ready), ``symptom`` an extra
+        sign of trouble (an error rate above a threshold)."""
+        check = steady or (lambda: workload_steady(self, target))
+        return Measurement(self, fault, target, check, symptom, within)
+
+    def experiment(self, title: str, target: str, inject: Callable[[], Any], *, steady: Callable[[], bool] | None = None,
+                   symptom: Callable[[], bool] | None = None, within: float = 120) -> Recovery:  # fmt: skip
+        """A chaos experiment as a method: check the steady-state hypothesis, inject (``inject()``, e.g.
+        ``lambda: lab.chaos.pod_kill("deployment/worker")``), measure detection and recovery, roll back (the
+        experiments ``inject`` made are deleted), and verify the steady state holds again. The measurement."""
+        check = steady or (lambda: workload_steady(self, target))
+        if not check():
+            raise LabkitError(f"The steady state of {target} does not hold before the experiment {title!r}, so its "
+                              "outcome would mean nothing.", hint=f"`lab.wait_ready({target!r})` first.")  # fmt: skip
+        before = set(self.chaos.experiments)
+        try:
+            with self.measure(title, target, steady=check, symptom=symptom, within=within) as record:
+                inject()
+        finally:
+            for name in set(self.chaos.experiments) - before:  # the roll back
+                self.chaos.experiments[name].delete()
+        if not check():
+            record.notes.append("the steady state did not hold after the roll back")
+        return record
+
+    def timeline(self) -> Any:
+        """The lab's measurements as a picture: time to detect and to recover for each fault."""
+        return timeline(self.recoveries)
+
     # -- watching ---------------------------------------------------------------------------
 
     def view(self) -> Any:
@@ -572,6 +668,14 @@ class Lab:
         view = LiveView(self)
         self.views.append(view)
         return view.widget
+
+
+def _writes(argv: list[str]) -> bool:
+    """Whether a kubectl command line changes the cluster (``scale``, ``rollout undo``; not ``get``)."""
+    words = [a for i, a in enumerate(argv) if not a.startswith("-") and (i == 0 or argv[i - 1] not in VALUED_FLAGS)]
+    if not words or words[0] not in WRITING_VERBS:
+        return False
+    return words[0] != "rollout" or (len(words) > 1 and words[1] in ("undo", "restart", "pause", "resume"))
 
 
 def _event_time(event: dict) -> float:

@@ -32,15 +32,21 @@ TOC_ORDER = [
     "labs/01-deploy-and-scale",
     "chapters/02-rollouts-and-rollbacks",
     "labs/02-rollouts-and-rollbacks",
+    "chapters/03-failure-and-self-healing",
+    "chapters/04-consensus-and-quorum",
+    "chapters/05-resilience-patterns",
     "instructor-guide",
 ]
+# Theory chapters whose labs are still to come.
+CHAPTERS_AHEAD = ["chapters/03-failure-and-self-healing", "chapters/04-consensus-and-quorum",
+                  "chapters/05-resilience-patterns"]
 # Module number -> a word its title must contain, and its status.
 MODULES = {
     "1": ("Cluster architecture", "available"),
     "2": ("rollbacks", "available"),
-    "3": ("Failure", "planned"),
-    "4": ("Consensus", "planned"),
-    "5": ("Resilience", "planned"),
+    "3": ("Failure", "chapter available; lab coming"),
+    "4": ("Consensus", "chapter available; lab coming"),
+    "5": ("Resilience", "chapter available; lab coming"),
     "6": ("Networking", "planned"),
     "7": ("Observability", "planned"),
     "8": ("RBAC", "planned"),
@@ -202,7 +208,7 @@ def test_chapters_and_labs_link_to_each_other(html: Path) -> None:
 
 
 def test_chapters_are_substantive(html: Path) -> None:
-    for chapter in CHAPTERS_AND_LABS:
+    for chapter in [*CHAPTERS_AND_LABS, *CHAPTERS_AHEAD]:
         text = page(html, chapter).words
         assert len(text.split()) >= 2500, f"{chapter} has only {len(text.split())} words"
         for section in ("In the lab", "Check your understanding"):

@@ -24,11 +24,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from labkit.errors import LabkitError
 from labkit.progress import Progress, format_duration
 from labkit.sandbox import binaries, procs
 from labkit.sandbox.binaries import Toolset
-from labkit.sandbox.kubeapi import APIError, KubeAPI
+from labkit.sandbox.kubeapi import APPLY_PATCH, APIError, KubeAPI
 from labkit.sandbox.node import namespaces
 from labkit.sandbox.pki import CLUSTER_DNS_IP, KUBERNETES_SERVICE_IP, SERVICE_CIDR
 from labkit.sandbox.state import DEFAULT_NAME, SandboxState, port_lock, ports_of_others
@@ -40,6 +42,7 @@ READY_TIMEOUT = 120.0
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 NODE_AGENT = "node-agent"
 DEFAULT_NODES = 3  # one per zone
+ADDONS = Path(__file__).parent / "addons"  # objects every sandbox has (server-side applied at each `up`)
 ZONES = ("zone-a", "zone-b", "zone-c")
 NODE_CAPACITY = {"cpu": "2", "memory": "4Gi", "pods": "110"}
 # Which port each component serves its health on, and the path to ask.
@@ -305,11 +308,12 @@ class Sandbox:
         markers.mkdir(parents=True, exist_ok=True)
         for marker in markers.glob("*.stopped"):  # a fresh start powers every node on
             marker.unlink()
-        proxy = pki.ensure_proxy()
+        proxy, chaos = pki.ensure_proxy(), pki.ensure_chaos()
         (self.state.run / "nodes.json").write_text(json.dumps({
             "server": self.server(config), "ca": str(self.state.pki.cert("ca")),
             "version": pins().kubernetes.version, "nodes": nodes,
             "proxy": {"cert": str(pki.cert(proxy)), "key": str(pki.key(proxy))},
+            "chaos": {"cert": str(pki.cert(chaos)), "key": str(pki.key(chaos))},
             "service_cidr": SERVICE_CIDR, "kubernetes_ip": KUBERNETES_SERVICE_IP, "dns_ip": CLUSTER_DNS_IP,
         }, indent=2))  # fmt: skip
 
@@ -377,10 +381,12 @@ class Sandbox:
         return self.api_get(config, "/api/v1/namespaces/default/serviceaccounts/default", timeout=1.0)[0] == 200
 
     def _ensure_addons(self, config: dict) -> None:
-        """The add-on Services a cluster has and the node agent serves: ``kube-dns`` in ``kube-system``, on the
-        ClusterIP that pods' resolv.conf names (selector-less: the agent answers on it itself)."""
+        """The add-ons a cluster has and the node agent serves: ``kube-dns`` in ``kube-system``, on the
+        ClusterIP that pods' resolv.conf names (selector-less: the agent answers on it itself), and Chaos Mesh's
+        experiment kinds with the RBAC of the agent's chaos controller."""
         pki = self.state.pki
         api = KubeAPI(self.server(config), pki.cert("ca"), pki.cert("admin"), pki.key("admin"))
+        self._apply_addons(api)
         labels = {"k8s-app": "kube-dns", "kubernetes.io/name": "CoreDNS", "kubernetes.io/cluster-service": "true"}
         body = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kube-dns", "namespace": "kube-system",
                                                                   "labels": labels},
@@ -393,6 +399,32 @@ class Sandbox:
         except APIError as exc:
             if exc.status != 409:  # made meanwhile
                 raise LabkitError(f"The sandbox could not create the kube-dns Service: {exc}") from None
+
+    def _apply_addons(self, api: KubeAPI) -> None:
+        """Server-side apply of ``addons/*.yaml`` (made or brought up to date), then wait for the CRDs among them
+        to be served, so an experiment created right after `up` is accepted."""
+        crds = []
+        for manifest in sorted(ADDONS.glob("*.yaml")):
+            for obj in yaml.safe_load_all(manifest.read_text()):
+                group, _, version = obj["apiVersion"].rpartition("/")
+                plural = {"CustomResourceDefinition": "customresourcedefinitions", "ClusterRole": "clusterroles",
+                          "ClusterRoleBinding": "clusterrolebindings"}[obj["kind"]]  # fmt: skip
+                path = f"/apis/{group}/{version}/{plural}/{obj['metadata']['name']}"
+                try:
+                    api.request("PATCH", path, obj, content_type=APPLY_PATCH, query={"fieldManager": "labkit-sandbox",
+                                                                                    "force": "true"})  # fmt: skip
+                except APIError as exc:
+                    raise LabkitError(f"The sandbox could not install {obj['kind']} {obj['metadata']['name']}: "
+                                      f"{exc}") from None  # fmt: skip
+                if obj["kind"] == "CustomResourceDefinition":
+                    crds.append(path)
+        deadline = time.monotonic() + 30
+        for path in crds:
+            while not any(c.get("type") == "Established" and c.get("status") == "True"
+                          for c in ((api.get(path) or {}).get("status") or {}).get("conditions", [])):  # fmt: skip
+                if time.monotonic() > deadline:
+                    raise LabkitError(f"The sandbox's API server did not serve {path.rsplit('/', 1)[-1]} within 30 s.")
+                time.sleep(0.05)
 
     def ready_nodes(self, config: dict) -> set[str]:
         """The sandbox's nodes whose Ready condition is True and that have their pod address range."""

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply
+MERGE_PATCH = "application/merge-patch+json"
 EVENT_BURST, EVENT_DELAY = 5, 1.0  # Events a second beyond which each waits EVENT_DELAY s to be posted (EventSink)
 
 

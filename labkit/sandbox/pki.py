@@ -242,6 +242,11 @@ class PKI:
         and EndpointSlices), for the agent's service proxy; returns its file stem."""
         return self._ensure_issued(CertSpec("kube-proxy", "ca", "system:kube-proxy", client=True))
 
+    def ensure_chaos(self) -> str:
+        """The node agent's chaos controller's client certificate (``labkit:chaos-controller``, which the
+        sandbox's ClusterRole of that name lets carry out Chaos Mesh's experiments); returns its file stem."""
+        return self._ensure_issued(CertSpec("chaos-controller", "ca", "labkit:chaos-controller", client=True))
+
     def ensure_node_serving(self, node: str) -> str:
         """A node's serving certificate for its kubelet API (logs), returns its file stem.
 

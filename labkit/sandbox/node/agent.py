@@ -39,6 +39,7 @@ from pathlib import Path
 from labkit.sandbox import procs
 from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, KubeAPI, api_micro_time, api_time, kubelet_event
 from labkit.sandbox.node import namespaces
+from labkit.sandbox.node.chaos import ChaosController
 from labkit.sandbox.node.dns import ClusterDNS
 from labkit.sandbox.node.faults import Faults
 from labkit.sandbox.node.forward import Forwards
@@ -261,6 +262,10 @@ def main() -> int:
     ]
     for thread in threads:
         thread.start()
+    if "chaos" in config:  # Chaos Mesh's experiments, carried out on these nodes
+        api = KubeAPI(config["server"], Path(config["ca"]), Path(config["chaos"]["cert"]), Path(config["chaos"]["key"]))
+        ChaosController(api, lambda: {w.pod["metadata"]["uid"]: w for t in threads for w in t.pods.current()},
+                        networking.faults if networking is not None else None, _log, stopping).start()  # fmt: skip
     _log(f"node agent serving {', '.join(t.spec.name for t in threads)}")
     while not stopping.is_set():
         stopping.wait(1.0)
