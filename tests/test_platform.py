@@ -200,7 +200,7 @@ def test_tasks_flow_end_to_end(start) -> None:
 
 
 def test_an_expired_lease_is_handed_out_again(start) -> None:
-    queue = start("queue", LEASE_SECONDS="0.3", MAX_ATTEMPTS="2")
+    queue = start("queue", LEASE_SECONDS="2", MAX_ATTEMPTS="2")
     assert queue.post("/tasks", {"id": "t1", "kind": "sleep", "ms": 0})[0] == 201
     assert queue.post("/tasks", {"id": "t1", "kind": "sleep", "ms": 0})[0] == 200  # the same id: not a second task
     status, first = queue.post("/lease", {"worker": "w1", "wait": 0})
@@ -326,7 +326,7 @@ def test_metrics_parse(start) -> None:
 def test_sigterm_drains_a_worker(start) -> None:
     store, queue = start("store"), start("queue")
     worker = start("worker", QUEUE_URL=queue.url, STORE_URL=store.url, CONCURRENCY="2")
-    held = [submit(queue, "sleep", 1500), submit(queue, "sleep", 1500)]
+    held = [submit(queue, "sleep", 3000), submit(queue, "sleep", 3000)]
     eventually(lambda: worker.get("/status")[1]["busy"] == 2, what="the worker to hold both tasks")
     worker.proc.send_signal(signal.SIGTERM)
     eventually(lambda: worker.logged("stopped leasing; finishing 2 tasks in hand"), what="the drain")
@@ -340,6 +340,20 @@ def test_sigterm_drains_a_worker(start) -> None:
     assert queue.get(f"/tasks/{later}")[1]["state"] == "queued"  # not leased by a draining worker
 
 
+def test_a_queue_shutting_down_sends_waiting_workers_away(start) -> None:
+    queue = start("queue", SHUTDOWN_DELAY="0.5")
+    answers: list[int] = []
+    waiting = threading.Thread(target=lambda: answers.append(queue.post("/lease", {"worker": "w", "wait": 30})[0]))
+    waiting.start()
+    eventually(lambda: queue.metrics().get("platform_ready") == 1 and waiting.is_alive(), what="a waiting lease")
+    queue.proc.send_signal(signal.SIGTERM)
+    eventually(lambda: queue.logged("received SIGTERM, draining"), what="the drain")
+    assert queue.get("/readyz")[0] == 503  # out of the Service's endpoints, still serving for $SHUTDOWN_DELAY
+    assert queue.wait() == 0
+    waiting.join(30)
+    assert answers == [503]  # told to go away, not held for its 30 s
+
+
 # --------------------------------------------------------------------------- the releases' defects
 
 
@@ -348,7 +362,7 @@ def test_a_worker_killed_mid_task_loses_it_only_on_release_1_1(start, release: s
     store, queue = start("store"), start("queue", LEASE_SECONDS="1")
     urls = {"QUEUE_URL": queue.url, "STORE_URL": store.url}
     worker = start("worker", APP_VERSION=release, **urls)
-    task_id = submit(queue, "sleep", 1500)
+    task_id = submit(queue, "sleep", 3000)
     eventually(lambda: worker.logged("executing", task_id=task_id), what="the worker to start the task")
     worker.kill()
     if release == "1.1":  # acknowledged before it ran: neither the queue nor the store knows it any more
@@ -387,7 +401,7 @@ def test_release_1_3_turns_backpressure_into_a_retry_storm(start, release: str) 
     queue = start("queue", QUEUE_LIMIT="1")
     submit(queue)  # full
     api = start("api", APP_VERSION=release, QUEUE_URL=queue.url, STORE_URL=f"http://127.0.0.1:{closed_port()}",
-                RETRIES="0", BREAKER_FAILURES="1")  # fmt: skip
+                RETRIES="0", BREAKER_FAILURES="1", BREAKER_RESET_SECONDS="600")  # fmt: skip
     status, body, headers = api.call("POST", "/tasks", {"kind": "sleep", "ms": 0})
     assert status == 429 and headers["Retry-After"] == "1"  # passed on either way...
     refused = queue.metrics()['http_requests_total{code="429",route="POST /tasks"}']
@@ -488,7 +502,8 @@ def test_a_timeout_frees_a_worker_from_a_hung_store(start) -> None:
         eventually(lambda: timed_queue.get("/tasks")[1]["dead"] == 1, what="the timed-out task given up")
         assert _store_calls(timed, "timeout") == 1
         # The naive worker is still waiting for its answer, holding its task.
-        assert naive.get("/status")[1]["busy"] == 1 and naive_queue.get("/tasks")[1]["leased"] == 1
+        eventually(lambda: naive.get("/status")[1]["busy"] == 1, what="the naive worker to hold its task")
+        assert naive_queue.get("/tasks")[1]["leased"] == 1 and _store_calls(naive, "timeout") == 0
     finally:
         hung.close()
 

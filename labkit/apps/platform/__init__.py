@@ -24,7 +24,7 @@ Configured through the environment (one ConfigMap serves every role):
 ``STORE_URL``              where the store is (default ``http://store:8080``)
 ``DATA_DIR``               queue and store: keep state in an append-only journal there (default: memory only)
 ``LEASE_SECONDS``          queue: how long a worker has to report a leased task (default 30)
-``LEASE_WAIT_SECONDS``     how long a lease request waits for a task when the queue is empty (default 2)
+``LEASE_WAIT_SECONDS``     how long a lease request waits for a task when the queue is empty (default 2, at most 30)
 ``MAX_ATTEMPTS``           queue: leases of a task before it is dead-lettered (default 3)
 ``QUEUE_LIMIT``            queue: waiting tasks beyond which submissions get 429 (default 1000)
 ``CONCURRENCY``            worker: tasks executed at once (default 2)
@@ -58,10 +58,13 @@ and dead-lettered tasks, tasks done, failed and retried, and breaker states.
   stays flat, failures are retried by the queue and dead-lettered after
   ``MAX_ATTEMPTS``.
 * ``1.1`` acks a task as soon as it is leased, before executing it (a change
-  "to save a round trip"). Until a worker dies nothing looks wrong; kill or evict
-  a worker, or let one be OOM-killed, and the tasks it held are lost for good:
-  the load generator reports them ``lost``, ``GET /tasks/ID`` answers 404 for
-  them, and the queue's ``done`` count runs ahead of the store's results.
+  "to save a round trip"). A graceful stop still finishes the tasks in hand, so
+  rollouts and scale-downs look fine; but when a worker is killed (a crash, an
+  OOM kill, ``kubectl delete pod --force --grace-period=0``) the tasks it held
+  are lost for good: the load generator reports them ``lost`` (``unknown``),
+  ``GET /tasks/ID`` answers 404 for them, and the queue's
+  ``platform_tasks_done_total`` runs ahead of the store's
+  ``platform_results_stored``.
 * ``1.2`` keeps 1 MiB for ever after each task it executes (a result cache that
   is never evicted). The worker's ``process_resident_memory_bytes`` climbs with
   every task until, under a memory limit, the container is ``OOMKilled`` (exit

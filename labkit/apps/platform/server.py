@@ -262,13 +262,14 @@ def make_server(service: Service) -> ThreadingHTTPServer:
     return IPv4Server(("0.0.0.0", service.settings.port), handler)
 
 
-def serve(service: Service, *, start: Callable[[], None] | None = None,
-          stop: Callable[[], None] | None = None) -> int:  # fmt: skip
+def serve(service: Service, *, start: Callable[[], None] | None = None, stop: Callable[[], None] | None = None,
+          closing: Callable[[], None] | None = None) -> int:  # fmt: skip
     """Serve until SIGTERM (or SIGINT), then drain; returns the exit code.
 
-    ``start`` runs once the port listens (the worker's loops); ``stop`` runs when the drain begins,
-    after $SHUTDOWN_DELAY and before the listener closes (the worker finishes its tasks there, still
-    answering probes and scrapes)."""
+    ``start`` runs once the port listens (the worker's loops). When the signal comes readiness fails
+    and ``stop`` runs (the worker stops leasing and finishes its tasks, still answering probes and
+    scrapes); then it serves on for $SHUTDOWN_DELAY, ``closing`` runs (the queue sends waiting long
+    polls away), the listener closes and in-flight requests finish."""
     s = service.settings
     try:
         server = make_server(service)
@@ -286,11 +287,13 @@ def serve(service: Service, *, start: Callable[[], None] | None = None,
         time.sleep(0.1)
     log("info", f"received {received[0]}, draining")
     service.draining = True
+    if stop is not None:
+        stop()
     if s.shutdown_delay:
         log("info", f"serving for {s.shutdown_delay:g}s more ($SHUTDOWN_DELAY) while endpoints update")
         time.sleep(s.shutdown_delay)
-    if stop is not None:
-        stop()
+    if closing is not None:
+        closing()
     server.shutdown()
     server.server_close()
     left = service.wait_idle(DRAIN_TIMEOUT)

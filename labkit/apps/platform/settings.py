@@ -41,6 +41,7 @@ RELEASES: dict[str, Release] = {
 }
 assert tuple(RELEASES) == PLATFORM_RELEASES, "labkit.apps.PLATFORM_RELEASES lists the releases published"
 STORM_RETRIES = 10  # what release 1.3 retries every failed call
+MAX_LEASE_WAIT = 30.0  # seconds a lease request may wait for a task
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class Settings:
             store_url=(env.get("STORE_URL") or "http://store:8080").rstrip("/"),
             data_dir=Path(data_dir) if data_dir else None,
             lease_seconds=_number(env, "LEASE_SECONDS", 30.0, low=0.05),
-            lease_wait=_number(env, "LEASE_WAIT_SECONDS", 2.0),
+            lease_wait=_number(env, "LEASE_WAIT_SECONDS", 2.0, high=MAX_LEASE_WAIT),
             max_attempts=int(_number(env, "MAX_ATTEMPTS", 3, low=1)),
             queue_limit=int(_number(env, "QUEUE_LIMIT", 1000, low=1)),
             concurrency=int(_number(env, "CONCURRENCY", 2, low=1)),
@@ -99,7 +100,7 @@ class Settings:
         )
 
 
-def _number(env: Mapping[str, str], name: str, default: float, low: float = 0.0) -> float:
+def _number(env: Mapping[str, str], name: str, default: float, low: float = 0.0, high: float | None = None) -> float:
     """A numeric setting; an empty one is the default (a ConfigMap key left blank)."""
     raw = env.get(name, "").strip()
     if not raw:
@@ -110,4 +111,6 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float = 0.0)
         raise SystemExit(f"platform: ${name} must be a number, got {raw!r}") from None
     if value < low:
         raise SystemExit(f"platform: ${name} must be at least {low:g}, got {raw!r}")
+    if high is not None and value > high:
+        raise SystemExit(f"platform: ${name} must be at most {high:g}, got {raw!r}")
     return value

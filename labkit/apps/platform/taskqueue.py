@@ -17,7 +17,8 @@ Endpoints (JSON):
 ``GET /tasks``                   counts: queued, leased, dead
 ``GET /tasks/ID``                a task's state (queued, leased, dead), attempts, last error
 ``POST /lease``                  ``{"worker"}``: the next task with a lease token (200), or 204 after
-                                 waiting ``LEASE_WAIT_SECONDS`` for one (a long poll)
+                                 waiting ``LEASE_WAIT_SECONDS`` for one (a long poll); 503 once the
+                                 queue is shutting down
 ``POST /tasks/ID/done``          ``{"lease"}``: finished, forget it
 ``POST /tasks/ID/fail``          ``{"lease", "error"}``: requeued, or dead-lettered after the last
                                  attempt; 409 if that lease is no longer the task's
@@ -40,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 from labkit.apps.platform.journal import Journal
 from labkit.apps.platform.server import BadRequest, Request, Response, Route, Service, body_object, error, serve
-from labkit.apps.platform.settings import Settings
+from labkit.apps.platform.settings import MAX_LEASE_WAIT, Settings
 from labkit.apps.platform.telemetry import Gauge, Metrics, current_span, log
 
 KINDS = ("sleep", "cpu", "fail")
@@ -107,7 +108,7 @@ class TaskQueue:
         self.tasks: dict[str, Task] = {}
         self.ready: deque[str] = deque()  # ids of queued tasks, oldest first
         self.journal = Journal(settings.data_dir, "queue")
-        self.draining = False
+        self.closing = False  # shutting down: no more leases
         self._seq = 0
         self.changed = threading.Condition()
         self._recover()
@@ -169,12 +170,15 @@ class TaskQueue:
             return 201, task
 
     def lease(self, worker: str, wait: float) -> Task | None:
-        """The next task, leased to ``worker``; None if none came within ``wait`` seconds."""
+        """The next task, leased to ``worker``; None if none came within ``wait`` seconds.
+        Raises Closing once the queue is shutting down."""
         deadline = time.monotonic() + wait
         with self.changed:
             while True:
+                if self.closing:
+                    raise Closing()
                 self._expire()
-                if self.ready and not self.draining:
+                if self.ready:
                     task = self.tasks[self.ready.popleft()]
                     task.state, task.attempts, task.worker = "leased", task.attempts + 1, worker
                     task.lease = uuid.uuid4().hex[:16]
@@ -183,7 +187,7 @@ class TaskQueue:
                     self.metrics.inc("platform_queue_events_total", event="leased")
                     return Task(**asdict(task))
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.draining:
+                if remaining <= 0:
                     return None
                 self.changed.wait(min(remaining, EXPIRY_CHECK))
 
@@ -247,11 +251,15 @@ class TaskQueue:
                 self._enqueue(task)
             return len(dead)
 
-    def stop_leasing(self) -> None:
-        """Draining: waiting long polls answer 204 now, so workers go elsewhere."""
+    def close(self) -> None:
+        """Shutting down: waiting and later lease requests get 503 at once, and their workers pause."""
         with self.changed:
-            self.draining = True
+            self.closing = True
             self.changed.notify_all()
+
+
+class Closing(Exception):
+    pass
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -279,14 +287,18 @@ def routes(queue: TaskQueue) -> list[Route]:
         body = body_object(request)
         worker = str(body.get("worker") or "unnamed")
         wait = body.get("wait", queue.settings.lease_wait)
-        if not isinstance(wait, (int, float)) or not 0 <= wait <= 30:
-            raise BadRequest('"wait" must be a number of seconds from 0 to 30')
-        task = queue.lease(worker, float(wait))
+        if not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_LEASE_WAIT:
+            raise BadRequest(f'"wait" must be a number of seconds from 0 to {MAX_LEASE_WAIT:g}')
+        try:
+            task = queue.lease(worker, float(wait))
+        except Closing:
+            return error(503, "the queue is shutting down", **{"Retry-After": "1"})
         if task is None:
             return Response(204, quiet=True)
         current = current_span()
-        if current is not None:
+        if current is not None:  # the lease belongs to the worker's poll; this links it to the task's trace
             current.task_id = task.id
+            current.fields["task_traceparent"] = task.traceparent
         log("info", f"leased to {worker} (attempt {task.attempts})", task_id=task.id, worker=worker)
         return Response(200, task.leased_view())
 
@@ -337,4 +349,4 @@ def main(settings: Settings) -> int:
     queue = TaskQueue(settings, metrics)
     service = Service(settings, routes(queue), gauges=lambda: gauges(queue), metrics=metrics)
     threading.Thread(target=queue.expire_forever, name="expiry", daemon=True).start()
-    return serve(service, stop=queue.stop_leasing)
+    return serve(service, closing=queue.close)
