@@ -55,9 +55,13 @@ class Service:
                          threading.Thread(target=self._read_stderr, daemon=True)]  # fmt: skip
         for reader in self._readers:
             reader.start()
-        assert self._started.wait(20), f"{role} did not start: {self.stderr}"
-        listening = self.logged("listening")
-        assert listening, (self.records, self.stderr)
+        try:
+            assert self._started.wait(20), f"{role} did not start: {self.stderr}"
+            listening = self.logged("listening")
+            assert listening, (self.records, self.stderr)
+        except AssertionError:
+            self.kill()  # the fixture never learns of a service that failed to start
+            raise
         self.port = listening[0]["port"]
         self.url = f"http://127.0.0.1:{self.port}"
 
