@@ -219,3 +219,69 @@ def same_object(lab: Any, target: str, uid: str | None) -> None:
               "pods were thrown away.", "Change only what must change, in place: `kubectl set image`, "
               "`kubectl patch`, or apply the changed manifest.")  # fmt: skip
     passed(f"{target} was updated in place (same object)")
+
+
+# -- failure and self-healing ---------------------------------------------------------------------
+
+
+def spread(lab: Any, name: str, *, key: str = "topology.kubernetes.io/zone", at_least: int = 2) -> None:
+    """Deployment ``name``'s ready pods run in at least ``at_least`` distinct values of node label ``key``
+    (zones by default), so losing one zone's node leaves some serving."""
+    hint = (f"Give deployment/{name} more replicas and a topologySpreadConstraint on {key} (maxSkew: 1, "
+            "whenUnsatisfiable: ScheduleAnyway) or a preferred podAntiAffinity, then re-apply it.")  # fmt: skip
+    obj = _object(lab, f"deployment/{name}", hint)
+    zones = {node["metadata"]["name"]: node["metadata"].get("labels", {}).get(key) for node in lab.nodes()}
+    pods = [p for p in lab.pods_of(f"deployment/{name}") if readiness.condition(p, "Ready").get("status") == "True"]
+    places = sorted({zones.get(p["spec"].get("nodeName"), "?") for p in pods})
+    if len(places) < at_least:
+        _fail(f"deployment/{name}'s {len(pods)} ready pods run in {len(places)} {key} value(s) ({', '.join(places) or 'none'}): "
+              f"one node's loss can take them all.", hint)  # fmt: skip
+    template = obj["spec"]["template"]["spec"]
+    rules = [c for c in template.get("topologySpreadConstraints") or [] if c.get("topologyKey") == key]
+    affinity = (template.get("affinity") or {}).get("podAntiAffinity") or {}
+    terms = [*affinity.get("requiredDuringSchedulingIgnoredDuringExecution", []),
+             *(t.get("podAffinityTerm", {}) for t in affinity.get("preferredDuringSchedulingIgnoredDuringExecution", []))]  # fmt: skip
+    if not rules and not any(t.get("topologyKey") == key for t in terms):
+        _fail(f"deployment/{name}'s pods happen to be spread over {len(places)} zones, but nothing in its spec asks "
+              "for it: the next rollout may pack them together.", hint)  # fmt: skip
+    passed(f"deployment/{name} runs in {len(places)} zones ({', '.join(places)}), as its spec asks")
+
+
+def disruption_budget(lab: Any, name: str, *, min_available: int | None = None) -> None:
+    """A PodDisruptionBudget covers deployment ``name``'s pods and keeps at least ``min_available`` of them
+    (or allows at most replicas - min_available to be evicted at once)."""
+    hint = (f"Apply a PodDisruptionBudget (policy/v1) whose selector matches deployment/{name}'s pod labels, "
+            f"with minAvailable: {min_available or 1}.")  # fmt: skip
+    obj = _object(lab, f"deployment/{name}", hint)
+    labels = obj["spec"]["template"]["metadata"].get("labels", {})
+    budgets = lab.request("GET", f"/apis/policy/v1/namespaces/{lab.namespace}/poddisruptionbudgets").get("items", [])
+    covering = [b for b in budgets if (b["spec"].get("selector") or {}).get("matchLabels")
+                and all(labels.get(k) == v for k, v in b["spec"]["selector"]["matchLabels"].items())]  # fmt: skip
+    if not covering:
+        _fail(f"No PodDisruptionBudget selects deployment/{name}'s pods ({labels}).", hint)
+    budget = covering[0]
+    replicas = obj["spec"].get("replicas", 1)
+    keeps = budget["spec"].get("minAvailable")
+    if keeps is None and budget["spec"].get("maxUnavailable") is not None:
+        keeps = replicas - int(budget["spec"]["maxUnavailable"])
+    if min_available is not None and (not isinstance(keeps, int) or keeps < min_available):
+        _fail(f"PodDisruptionBudget {budget['metadata']['name']} keeps {keeps} of deployment/{name}'s pods; "
+              f"at least {min_available} should stay.", hint)  # fmt: skip
+    passed(f"PodDisruptionBudget {budget['metadata']['name']} keeps {keeps} of deployment/{name}'s {replicas} pods")
+
+
+def leaves_lost_nodes(lab: Any, name: str, *, within: int = 30) -> None:
+    """Deployment ``name``'s pods tolerate a not-ready or unreachable node for at most ``within`` seconds, so
+    they are evicted and replaced soon after a node is lost (the default is 300 s)."""
+    hint = (f"Add tolerations to deployment/{name}'s pod template for node.kubernetes.io/not-ready and "
+            f"node.kubernetes.io/unreachable (operator: Exists, effect: NoExecute) with tolerationSeconds of "
+            f"{within} or less.")  # fmt: skip
+    obj = _object(lab, f"deployment/{name}", hint)
+    tolerations = obj["spec"]["template"]["spec"].get("tolerations") or []
+    for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
+        found = [t for t in tolerations if t.get("key") == key and t.get("effect") == "NoExecute"]
+        seconds = found[0].get("tolerationSeconds") if found else 300
+        if seconds is None or seconds > within:
+            _fail(f"deployment/{name}'s pods stay {('forever' if seconds is None else f'{seconds} s')} on a node "
+                  f"that is {key.rsplit('/', 1)[1]}.", hint)  # fmt: skip
+    passed(f"deployment/{name}'s pods leave a lost node within {within} s")

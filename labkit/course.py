@@ -117,6 +117,14 @@ class Course:
                               hint=f"The labs are: {', '.join(labs)}.")  # fmt: skip
         return matches[0]
 
+    def grades_alone(self, lab: str) -> bool:
+        """Whether ``lab``'s notebooks say (metadata ``labkit.grade_alone``) that two runs at once on one cluster
+        would disturb each other: a lab that stops nodes."""
+        import nbformat
+
+        return any(nbformat.read(self.source / lab / name, as_version=4).metadata.get("labkit", {}).get("grade_alone")
+                   for name in self.notebooks(lab))  # fmt: skip
+
     def notebooks(self, lab: str) -> list[str]:
         return sorted(p.name for p in (self.source / lab).glob("*.ipynb"))
 
@@ -193,6 +201,9 @@ class Course:
             raise LabkitError(f"No submissions of {lab} to grade.",
                               hint=f"Pass them: `labkit course autograde {lab} alice.ipynb bob/ ...`, or collect them.")  # fmt: skip
         parallel = max(1, min(parallel, len(students)))
+        if parallel > 1 and self.grades_alone(lab):
+            say(f"{lab} takes whole nodes away from its cluster: its submissions are graded one at a time.")
+            parallel = 1
         results = []
         with grading_cluster(cluster, say=say):
             say(f"grading {len(students)} submission{'s' if len(students) > 1 else ''} of {lab}"

@@ -627,26 +627,30 @@ class Lab:
 
         return Sandbox(self.cluster.sandbox)
 
-    def measure(self, fault: str, target: str, *, steady: Callable[[], bool] | None = None,
+    def measure(self, fault: str, target: str | list[str], *, steady: Callable[[], bool] | None = None,
                 symptom: Callable[[], bool] | None = None, within: float = 120) -> Measurement:  # fmt: skip
         """Time to detect and to recover a fault injected in the ``with`` block (see ``labkit.recovery``):
-        ``steady`` is the steady state (default: ``target`` has every replica ready), ``symptom`` an extra
-        sign of trouble (an error rate above a threshold)."""
-        check = steady or (lambda: workload_steady(self, target))
-        return Measurement(self, fault, target, check, symptom, within)
+        ``steady`` is the steady state (default: ``target``, or each of a list of targets, has every replica
+        ready), ``symptom`` an extra sign of trouble (an error rate above a threshold)."""
+        targets = [target] if isinstance(target, str) else list(target)
+        check = steady or (lambda: all(workload_steady(self, t) for t in targets))
+        return Measurement(self, fault, ", ".join(targets), check, symptom, within)
 
-    def experiment(self, title: str, target: str, inject: Callable[[], Any], *, steady: Callable[[], bool] | None = None,
-                   symptom: Callable[[], bool] | None = None, within: float = 120) -> Recovery:  # fmt: skip
+    def experiment(self, title: str, target: str | list[str], inject: Callable[[], Any], *,
+                   steady: Callable[[], bool] | None = None, symptom: Callable[[], bool] | None = None,
+                   within: float = 120) -> Recovery:  # fmt: skip
         """A chaos experiment as a method: check the steady-state hypothesis, inject (``inject()``, e.g.
         ``lambda: lab.chaos.pod_kill("deployment/worker")``), measure detection and recovery, roll back (the
         experiments ``inject`` made are deleted), and verify the steady state holds again. The measurement."""
-        check = steady or (lambda: workload_steady(self, target))
+        measurement = self.measure(title, target, steady=steady, symptom=symptom, within=within)
+        check = measurement.steady
         if not check():
-            raise LabkitError(f"The steady state of {target} does not hold before the experiment {title!r}, so its "
-                              "outcome would mean nothing.", hint=f"`lab.wait_ready({target!r})` first.")  # fmt: skip
+            raise LabkitError(f"The steady state of {measurement.record.target} does not hold before the experiment "
+                              f"{title!r}, so its outcome would mean nothing.",
+                              hint="`lab.wait_ready(...)` on what it watches first.")  # fmt: skip
         before = set(self.chaos.experiments)
         try:
-            with self.measure(title, target, steady=check, symptom=symptom, within=within) as record:
+            with measurement as record:
                 inject()
         finally:
             for name in set(self.chaos.experiments) - before:  # the roll back

@@ -24,6 +24,7 @@ JUPYTER_BOOK = Path(sys.executable).parent / "jupyter-book"
 CHAPTERS_AND_LABS = {
     "chapters/01-cluster-architecture": "labs/01-deploy-and-scale",
     "chapters/02-rollouts-and-rollbacks": "labs/02-rollouts-and-rollbacks",
+    "chapters/03-failure-and-self-healing": "labs/03-failure-and-self-healing",
 }
 TOC_ORDER = [
     "intro",
@@ -33,18 +34,18 @@ TOC_ORDER = [
     "chapters/02-rollouts-and-rollbacks",
     "labs/02-rollouts-and-rollbacks",
     "chapters/03-failure-and-self-healing",
+    "labs/03-failure-and-self-healing",
     "chapters/04-consensus-and-quorum",
     "chapters/05-resilience-patterns",
     "instructor-guide",
 ]
 # Theory chapters whose labs are still to come.
-CHAPTERS_AHEAD = ["chapters/03-failure-and-self-healing", "chapters/04-consensus-and-quorum",
-                  "chapters/05-resilience-patterns"]
+CHAPTERS_AHEAD = ["chapters/04-consensus-and-quorum", "chapters/05-resilience-patterns"]
 # Module number -> a word its title must contain, and its status.
 MODULES = {
     "1": ("Cluster architecture", "available"),
     "2": ("rollbacks", "available"),
-    "3": ("Failure", "chapter available; lab coming"),
+    "3": ("Failure", "available"),
     "4": ("Consensus", "chapter available; lab coming"),
     "5": ("Resilience", "chapter available; lab coming"),
     "6": ("Networking", "planned"),
@@ -216,7 +217,8 @@ def test_chapters_are_substantive(html: Path) -> None:
 
 
 def test_lab_pages_state_duration_objectives_and_how_to_open(html: Path) -> None:
-    durations = {"labs/01-deploy-and-scale": "45 minutes", "labs/02-rollouts-and-rollbacks": "60 minutes"}
+    durations = {"labs/01-deploy-and-scale": "45 minutes", "labs/02-rollouts-and-rollbacks": "60 minutes",
+                 "labs/03-failure-and-self-healing": "60 minutes"}
     for lab, duration in durations.items():
         text = page(html, lab).words
         for needle in (duration, "Prerequisites", "Learning objectives", "Assignments", "make lab", "notebooks/"):

@@ -23,7 +23,8 @@ from labkit.sandbox.controlplane import Sandbox
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPOSITORY / "notebooks"
-LABS = {"01-deploy-and-scale": ("deploy-and-scale.ipynb", 13), "02-rollouts-and-rollbacks": ("rollouts-and-rollbacks.ipynb", 16)}
+LABS = {"01-deploy-and-scale": ("deploy-and-scale.ipynb", 13), "02-rollouts-and-rollbacks": ("rollouts-and-rollbacks.ipynb", 16),
+        "03-failure-and-self-healing": ("failure-and-self-healing.ipynb", 14)}
 
 cluster = module_cluster("labs", nodes=3)
 
@@ -138,6 +139,26 @@ def test_autograding_scores_what_each_submission_did(course: Course, cluster: Sa
     graded = nbformat.read(course.root / "autograded" / "raises" / lab / notebook, as_version=4)
     outputs = json.dumps([c.get("outputs", []) for c in graded.cells])
     assert "is not valid YAML" in outputs
+
+
+@pytest.mark.slow
+def test_the_failure_lab_grades_one_at_a_time_full_marks_and_zero(course: Course, cluster: Sandbox,
+                                                                    tmp_path: Path) -> None:  # fmt: skip
+    lab = "03-failure-and-self-healing"
+    notebook, full = LABS[lab]
+    course.release(lab, say=lambda _: None)
+    solutions = {c.metadata["nbgrader"]["grade_id"]: c.source for c in _cells(NOTEBOOKS / lab / notebook)
+                 if c.metadata.get("nbgrader", {}).get("solution")}  # fmt: skip
+    submissions = [_submission(course, tmp_path, lab, "blank", {}), _submission(course, tmp_path, lab, "complete", solutions)]
+    log: list[str] = []
+    results = {r.student: r for r in course.autograde(lab, submissions, cluster="kubeconfig", parallel=2,
+                                                      say=log.append)}  # fmt: skip
+    assert {s: (r.score, r.max_score) for s, r in results.items()} == {"blank": (0, full), "complete": (full, full)}, \
+        "\n".join(log)
+    assert f"{lab} takes whole nodes away from its cluster: its submissions are graded one at a time." in log
+    graded = course.root / "autograded" / "complete" / lab / "labkit-results.json"
+    runs = json.loads(graded.read_text())["runs"].values()
+    assert [r["fault"] for run in runs for r in run["recoveries"]] == ["a worker pod is killed", "a node is lost"]
 
 
 def test_the_command_line_grades_and_reports(course: Course, cluster: Sandbox, tmp_path: Path) -> None:
