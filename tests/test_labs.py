@@ -142,8 +142,9 @@ def test_autograding_scores_what_each_submission_did(course: Course, cluster: Sa
 
 
 @pytest.mark.slow
-def test_the_failure_lab_grades_one_at_a_time_full_marks_and_zero(course: Course, cluster: Sandbox,
-                                                                    tmp_path: Path) -> None:  # fmt: skip
+def test_the_failure_lab_grades_one_at_a_time_full_marks_and_zero(course: Course, cluster: Sandbox, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("KUBECONFIG", str(cluster.state.kubeconfig))  # graded on the module's sandbox
     lab = "03-failure-and-self-healing"
     notebook, full = LABS[lab]
     course.release(lab, say=lambda _: None)
