@@ -1,7 +1,7 @@
 """The ``labkit`` command.
 
 ``labkit sandbox install|up|env|kubeconfig|status|logs|down|list`` manages local
-sandbox clusters; ``labkit course release|collect|autograde|feedback|scores`` runs
+sandbox clusters; ``labkit course release|collect|autograde|feedback|scores|recoveries`` runs
 the grading pipeline. Expected problems print one clear message and exit 1; only bugs
 show a traceback.
 """
@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -199,6 +200,28 @@ def cmd_course_scores(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_course_recoveries(args: argparse.Namespace) -> int:
+    records = _course(args).recoveries(args.lab, graded=args.graded)
+    if not records:
+        print("No measurements: the lab records them with lab.measure, in labkit-results.json beside each notebook.")
+        return 0
+    by_fault: dict[str, list[dict]] = {}
+    for record in records:
+        by_fault.setdefault(record["fault"], []).append(record)
+
+    def median(values: list) -> str:
+        known = sorted(v for v in values if v is not None)
+        return f"{statistics.median(known):.1f} s" if known else "-"
+
+    print(f"{'FAULT':<32}{'RUNS':>5}  {'DETECTED (median)':>18}  {'ACTED (median)':>15}  {'RECOVERED (median)':>19}  NEVER RECOVERED")
+    for fault, group in by_fault.items():
+        acted = [r["acted"] - r["started"] if r.get("acted") else None for r in group]
+        never = sorted({r["student"] for r in group if r.get("ttr") is None})
+        print(f"{fault[:31]:<32}{len(group):>5}  {median([r.get('ttd') for r in group]):>18}  {median(acted):>15}  "
+              f"{median([r.get('ttr') for r in group]):>19}  {', '.join(never) or '-'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labkit", description="Courseware for operating distributed systems.")
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
@@ -269,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grade N submissions at a time (default: %(default)s, this machine's CPUs up to 4)")
     step("feedback", "write each trainee's graded notebook as HTML feedback", cmd_course_feedback, exchange=True)
     step("scores", "show the gradebook's scores of a lab", cmd_course_scores)
+    p = step("recoveries", "the cohort's time to detect, to act and to recover, per fault the lab injected",
+             cmd_course_recoveries)  # fmt: skip
+    p.add_argument("--graded", action="store_true", help="from the graded re-runs instead of the trainees' own runs")
     return parser
 
 

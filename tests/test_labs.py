@@ -160,6 +160,13 @@ def test_the_failure_lab_grades_one_at_a_time_full_marks_and_zero(course: Course
     graded = course.root / "autograded" / "complete" / lab / "labkit-results.json"
     runs = json.loads(graded.read_text())["runs"].values()
     assert [r["fault"] for run in runs for r in run["recoveries"]] == ["a worker pod is killed", "a node is lost"]
+    # The instructor's view of the cohort: the complete run recovered from both; the blank one never from the node.
+    measured = {(r["student"], r["fault"]): r for r in course.recoveries(lab, graded=True)}
+    assert measured[("complete", "a node is lost")]["ttr"] is not None
+    assert measured[("blank", "a node is lost")]["ttr"] is None
+    table = subprocess.run([sys.executable, "-m", "labkit", "course", "recoveries", "03", "--graded"], capture_output=True,
+                           text=True, env={**lab_env(cluster), "LABKIT_COURSE_ROOT": str(course.root)}, timeout=60)  # fmt: skip
+    assert "a node is lost" in table.stdout and "blank" in table.stdout, table.stdout + table.stderr
 
 
 def test_the_command_line_grades_and_reports(course: Course, cluster: Sandbox, tmp_path: Path) -> None:
