@@ -119,7 +119,7 @@ def resident_memory() -> int:
 
 
 @dataclass
-class _Histogram:
+class Histogram:
     buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     count: int = 0
     total: float = 0.0
@@ -138,12 +138,12 @@ class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._requests: dict[tuple[str, int], int] = {}
-        self._latency: dict[str, _Histogram] = {}
+        self._latency: dict[str, Histogram] = {}
 
     def observe(self, path: str, code: int, seconds: float) -> None:
         with self._lock:
             self._requests[(path, code)] = self._requests.get((path, code), 0) + 1
-            self._latency.setdefault(path, _Histogram()).observe(seconds)
+            self._latency.setdefault(path, Histogram()).observe(seconds)
 
     def render(self, gauges: Mapping[str, tuple[str, float]], version: str) -> str:
         """The exposition text; ``gauges`` maps a metric name to (help, value)."""

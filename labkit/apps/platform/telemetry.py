@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterable, Iterator
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # Prometheus' defaults
+from labkit.apps.web import LATENCY_BUCKETS, Histogram  # the web app's latency histogram, Prometheus' buckets
+
 
 # --------------------------------------------------------------------------- logs
 
@@ -168,20 +169,6 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 
 Labels = tuple[tuple[str, str], ...]
-
-
-@dataclass
-class Histogram:
-    buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
-    count: int = 0
-    total: float = 0.0
-
-    def observe(self, seconds: float) -> None:
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                self.buckets[i] += 1
-        self.count += 1
-        self.total += seconds
 
 
 @dataclass(frozen=True)
