@@ -35,13 +35,14 @@ from typing import Any, Callable
 
 from labkit import display, manifests, readiness
 from labkit.chaos import Chaos, workload_steady
-from labkit.cluster import APPLY_PATCH, APIError, Cluster, connect
+from labkit.cluster import APPLY_PATCH, MERGE_PATCH, APIError, Cluster, connect
 from labkit.errors import LabkitError
 from labkit.recovery import Measurement, Recovery, timeline
 from labkit.sandbox.node.quantity import rate_bits
 
 LAB_LABEL = "labkit.io/lab"
 RUN_LABEL = "labkit.io/run"
+LOST_NODES = "labkit.io/lost-nodes"  # sandbox nodes a lab stopped, for the sweep after a killed kernel
 OWNER = "labkit.io/owner"  # host:pid:start of the kernel that made a namespace, so a dead one's can be swept
 FIELD_MANAGER = "labkit"
 DEFAULT_TIMEOUT = 120.0
@@ -198,6 +199,10 @@ class Lab:
             if owner.startswith(host + ":") and not _owner_alive(owner) and "deletionTimestamp" not in meta:
                 try:
                     self.cluster.request("DELETE", f"/api/v1/namespaces/{meta['name']}")
+                    lost = (meta.get("annotations") or {}).get(LOST_NODES, "")
+                    if lost and self.cluster.sandbox:  # nodes that kernel stopped come back
+                        for node in lost.split(","):
+                            self._local_sandbox().set_node_running(node, True, say=lambda _: None)
                 except LabkitError:
                     pass
 
@@ -612,12 +617,25 @@ class Lab:
             node = max(sorted(counts), key=counts.get)
         sandbox.set_node_running(node, False, say=self.say)
         self.lost_nodes.add(node)
+        self._note_lost_nodes()
         return node
 
     def restore_node(self, node: str, quiet: bool = False) -> None:
         """Bring back a node ``lose_node`` stopped."""
         self._local_sandbox().set_node_running(node, True, say=(lambda _: None) if quiet else self.say)
         self.lost_nodes.discard(node)
+        self._note_lost_nodes()
+
+    def _note_lost_nodes(self) -> None:
+        """Keep the stopped nodes on the lab's namespace, so that if this kernel is killed the next lab brings
+        them back when it sweeps the namespace."""
+        if self.shared:
+            return
+        body = {"metadata": {"annotations": {LOST_NODES: ",".join(sorted(self.lost_nodes)) or None}}}
+        try:
+            self.cluster.request("PATCH", f"/api/v1/namespaces/{self.namespace}", body, content_type=MERGE_PATCH)
+        except LabkitError:
+            pass  # the namespace is going: the nodes come back with close()
 
     def _local_sandbox(self):  # noqa: ANN202 - a labkit.sandbox.controlplane.Sandbox
         if not self.cluster.sandbox:

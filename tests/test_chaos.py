@@ -279,3 +279,24 @@ def test_selection_modes_and_specs() -> None:
         [["cpu", "40"], ["cpu", "40"], ["memory", str(64 * 2**20)]]
     with pytest.raises(Invalid):
         stressors({})
+
+
+def test_nodes_a_killed_kernel_stopped_come_back_with_the_next_lab(cluster: Sandbox, lab: Lab,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    deploy(lab, 1)
+    node = lab.lose_node("node-2")
+    marker = cluster.state.run / "nodes" / f"{node}.stopped"
+    assert marker.exists()
+    # The kernel dies without closing the lab: its namespace says who made it and which node it stopped.
+    namespace = lab.cluster.get(f"/api/v1/namespaces/{lab.namespace}")
+    assert namespace["metadata"]["annotations"]["labkit.io/lost-nodes"] == node
+    owner = namespace["metadata"]["annotations"]["labkit.io/owner"]
+    host, _, start = owner.split(":")
+    dead = {"metadata": {"annotations": {"labkit.io/owner": f"{host}:999999:{start}"}}}
+    lab.cluster.request("PATCH", f"/api/v1/namespaces/{lab.namespace}", dead, content_type="application/merge-patch+json")
+    lab.closed = True  # as if its kernel were gone
+    after = labkit.start_lab("after-a-killed-kernel", fresh=True)
+    try:
+        assert not marker.exists(), "the node the dead kernel stopped is still stopped"
+    finally:
+        after.close(quiet=True)
