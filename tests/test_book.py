@@ -25,6 +25,8 @@ CHAPTERS_AND_LABS = {
     "chapters/01-cluster-architecture": "labs/01-deploy-and-scale",
     "chapters/02-rollouts-and-rollbacks": "labs/02-rollouts-and-rollbacks",
     "chapters/03-failure-and-self-healing": "labs/03-failure-and-self-healing",
+    "chapters/04-consensus-and-quorum": "labs/04-consensus-and-quorum",
+    "chapters/05-resilience-patterns": "labs/05-resilience-patterns",
 }
 TOC_ORDER = [
     "intro",
@@ -36,18 +38,20 @@ TOC_ORDER = [
     "chapters/03-failure-and-self-healing",
     "labs/03-failure-and-self-healing",
     "chapters/04-consensus-and-quorum",
+    "labs/04-consensus-and-quorum",
     "chapters/05-resilience-patterns",
+    "labs/05-resilience-patterns",
     "instructor-guide",
 ]
 # Theory chapters whose labs are still to come.
-CHAPTERS_AHEAD = ["chapters/04-consensus-and-quorum", "chapters/05-resilience-patterns"]
+CHAPTERS_AHEAD: list[str] = []
 # Module number -> a word its title must contain, and its status.
 MODULES = {
     "1": ("Cluster architecture", "available"),
     "2": ("rollbacks", "available"),
     "3": ("Failure", "available"),
-    "4": ("Consensus", "chapter available; lab coming"),
-    "5": ("Resilience", "chapter available; lab coming"),
+    "4": ("Consensus", "available"),
+    "5": ("Resilience", "available"),
     "6": ("Networking", "planned"),
     "7": ("Observability", "planned"),
     "8": ("RBAC", "planned"),
@@ -218,7 +222,8 @@ def test_chapters_are_substantive(html: Path) -> None:
 
 def test_lab_pages_state_duration_objectives_and_how_to_open(html: Path) -> None:
     durations = {"labs/01-deploy-and-scale": "45 minutes", "labs/02-rollouts-and-rollbacks": "60 minutes",
-                 "labs/03-failure-and-self-healing": "60 minutes"}
+                 "labs/03-failure-and-self-healing": "60 minutes", "labs/04-consensus-and-quorum": "60 minutes",
+                 "labs/05-resilience-patterns": "60 minutes"}
     for lab, duration in durations.items():
         text = page(html, lab).words
         for needle in (duration, "Prerequisites", "Learning objectives", "Assignments", "make lab", "notebooks/"):

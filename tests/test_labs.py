@@ -24,7 +24,8 @@ from labkit.sandbox.controlplane import Sandbox
 REPOSITORY = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPOSITORY / "notebooks"
 LABS = {"01-deploy-and-scale": ("deploy-and-scale.ipynb", 13), "02-rollouts-and-rollbacks": ("rollouts-and-rollbacks.ipynb", 16),
-        "03-failure-and-self-healing": ("failure-and-self-healing.ipynb", 14)}
+        "03-failure-and-self-healing": ("failure-and-self-healing.ipynb", 14),
+        "04-consensus-and-quorum": ("consensus-and-quorum.ipynb", 14), "05-resilience-patterns": ("resilience-patterns.ipynb", 14)}
 
 cluster = module_cluster("labs", nodes=3)
 
