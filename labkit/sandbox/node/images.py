@@ -98,7 +98,8 @@ def resolve(reference: str) -> Image | None:
     if repo in SHELL_IMAGES:
         return Image(reference, (), ("sh",), f"labkit.local/{repo}@shell")
     if repo == "pause":  # the pod sandbox's image (registry.k8s.io/pause): a process that only waits
-        return Image(reference, ("sleep",), ("infinity",), f"labkit.local/pause@{ref.tag or 'latest'}")
+        # Like /pause, it ignores any args a container gives it (they become the shell's unused parameters).
+        return Image(reference, ("sh", "-c", "exec sleep infinity", "pause"), (), f"labkit.local/pause@{ref.tag or 'latest'}")
     if repo == "python":
         return Image(reference, (), ("python3",), f"labkit.local/{repo}@python{sys.version_info[0]}")
     app = next((path for path in APP_MODULES if ref.path == path or ref.path.endswith("/" + path)), None)
