@@ -132,13 +132,19 @@ def figures(url: str, seconds: float, samples: list[tuple[float, str]]) -> Resul
     return Result(url, seconds, sorted(latency * 1000 for latency, _ in samples), outcomes)
 
 
+def _split(url: str):  # noqa: ANN202 - urllib's SplitResult
+    """``url``'s parts; ValueError unless it is an http(s) URL with a host."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"loadgen needs an http:// or https:// URL, got {url!r}")
+    return parts
+
+
 class _Target:
     """Where the requests go; one new connection a request, as many clients of a Service are."""
 
     def __init__(self, url: str, timeout: float) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"loadgen needs an http:// or https:// URL, got {url!r}")
+        parts = _split(url)
         self.connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         self.host, self.port = parts.hostname, parts.port
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -308,9 +314,7 @@ class _Api:
     """The platform's api: submit a task, ask after one."""
 
     def __init__(self, url: str, timeout: float) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"loadgen needs an http:// or https:// URL, got {url!r}")
+        parts = _split(url)
         self.connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         self.host, self.port = parts.hostname, parts.port
         self.base = parts.path.rstrip("/").removesuffix("/tasks")
