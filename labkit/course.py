@@ -117,13 +117,14 @@ class Course:
                               hint=f"The labs are: {', '.join(labs)}.")  # fmt: skip
         return matches[0]
 
-    def grades_alone(self, lab: str) -> bool:
-        """Whether ``lab``'s notebooks say (metadata ``labkit.grade_alone``) that two runs at once on one cluster
-        would disturb each other: a lab that stops nodes."""
+    def grades_alone(self, lab: str) -> str:
+        """Why two runs of ``lab`` at once on one cluster would disturb each other ('' if they would not), as its
+        notebooks' metadata ``labkit.grade_alone`` says: a lab that stops nodes, or that measures tail latency."""
         import nbformat
 
-        return any(nbformat.read(self.source / lab / name, as_version=4).metadata.get("labkit", {}).get("grade_alone")
-                   for name in self.notebooks(lab))  # fmt: skip
+        reasons = [nbformat.read(self.source / lab / name, as_version=4).metadata.get("labkit", {}).get("grade_alone")
+                   for name in self.notebooks(lab)]  # fmt: skip
+        return next((r if isinstance(r, str) else "needs its cluster to itself" for r in reasons if r), "")
 
     def notebooks(self, lab: str) -> list[str]:
         return sorted(p.name for p in (self.source / lab).glob("*.ipynb"))
@@ -201,8 +202,9 @@ class Course:
             raise LabkitError(f"No submissions of {lab} to grade.",
                               hint=f"Pass them: `labkit course autograde {lab} alice.ipynb bob/ ...`, or collect them.")  # fmt: skip
         parallel = max(1, min(parallel, len(students)))
-        if parallel > 1 and self.grades_alone(lab):
-            say(f"{lab} takes whole nodes away from its cluster: its submissions are graded one at a time.")
+        alone = self.grades_alone(lab) if parallel > 1 else ""
+        if alone:
+            say(f"{lab} {alone}: its submissions are graded one at a time.")
             parallel = 1
         results = []
         with grading_cluster(cluster, say=say):

@@ -170,6 +170,23 @@ def test_the_failure_lab_grades_one_at_a_time_full_marks_and_zero(course: Course
     assert "a node is lost" in table.stdout and "blank" in table.stdout, table.stdout + table.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("lab", ["04-consensus-and-quorum", "05-resilience-patterns"])
+def test_the_later_labs_grade_full_marks_and_zero(course: Course, cluster: Sandbox, tmp_path: Path, lab: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("KUBECONFIG", str(cluster.state.kubeconfig))  # graded on the module's sandbox
+    notebook, full = LABS[lab]
+    course.release(lab, say=lambda _: None)
+    solutions = {c.metadata["nbgrader"]["grade_id"]: c.source for c in _cells(NOTEBOOKS / lab / notebook)
+                 if c.metadata.get("nbgrader", {}).get("solution")}  # fmt: skip
+    submissions = [_submission(course, tmp_path, lab, "blank", {}), _submission(course, tmp_path, lab, "complete", solutions)]
+    log: list[str] = []
+    # One at a time: each measures the cluster (elections, tail latencies) and would disturb the other's figures.
+    results = {r.student: r for r in course.autograde(lab, submissions, cluster="kubeconfig", parallel=1, say=log.append)}
+    assert {s: (r.score, r.max_score) for s, r in results.items()} == {"blank": (0, full), "complete": (full, full)}, \
+        "\n".join(log) + "\n" + "\n".join(f"{s}: {r.failed}" for s, r in results.items())
+
+
 def test_the_command_line_grades_and_reports(course: Course, cluster: Sandbox, tmp_path: Path) -> None:
     lab = "01-deploy-and-scale"
     course.release(lab, say=lambda _: None)
