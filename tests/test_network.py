@@ -21,6 +21,8 @@ from conftest import eventually, module_cluster, run_labkit
 import labkit
 from labkit.lab import Lab
 from labkit.sandbox.controlplane import Sandbox
+from labkit.sandbox.node.faults import TUN_PREFIX
+from labkit.sandbox.node.network import veth_name
 
 cluster = module_cluster("network", nodes=3)
 
@@ -301,3 +303,10 @@ def test_status_says_how_pods_are_networked(cluster: Sandbox) -> None:
     done = run_labkit("sandbox", "status", "--name", cluster.name)
     mode = "root" if os.geteuid() == 0 else "rootless"
     assert f"pod network: {mode}:" in done.stdout, done.stdout
+
+
+def test_no_pod_veth_is_taken_for_a_fault_device() -> None:
+    # The faults' untracked re-injection matches their TUN devices by name prefix; a pod's veth that matched it
+    # would lose the replies of its NAT'd connections (Services, forwards) once any fault had been made.
+    for first in "0123456789abcdef":
+        assert not veth_name(first + "2345678-90ab-cdef-0123-456789abcdef").startswith(TUN_PREFIX)

@@ -37,7 +37,9 @@ from typing import Callable
 from labkit.sandbox.node.namespaces import in_network
 from labkit.sandbox.node.network import NetworkError, PodNetwork
 
-TUN_PREFIX = "lkf"  # a fault's TUN device: lkf<id>
+# A fault's TUN device: lkt<id>. Not a hex digit after "lk", so no pod's veth (lk<uid hex>) ever matches the
+# untracked-re-injection rule (iifname "lkt*"): a veth that did would lose its pod's Service and NAT replies.
+TUN_PREFIX = "lkt"
 TABLE = "labkit-faults"
 FIRST_ROUTE_TABLE = 7000  # a fault's routing table: one each
 RULE_PRIORITY = 1000

@@ -72,6 +72,7 @@ class NetworkError(Exception):
 
 
 def veth_name(uid: str) -> str:
+    """``lk`` and the pod's uid in hex: never ``lkt``, the prefix of the faults' TUN devices."""
     return "lk" + uid.replace("-", "")[:12]
 
 

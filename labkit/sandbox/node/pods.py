@@ -719,6 +719,8 @@ class PodWorker(threading.Thread):
                          sort_keys=True)  # fmt: skip
         if key == self.last_reported and not force:
             return
+        if "podIPs" in status:  # the list is replaced, not merged: a pod whose sandbox was made again may have a
+            status = {**status, "podIPs": [{"$patch": "replace"}, *status["podIPs"]]}  # new address (one a family)
         try:
             self.api.request("PATCH", self.path + "/status",
                              {"metadata": {"uid": self.pod["metadata"]["uid"]}, "status": status},
