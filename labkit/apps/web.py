@@ -118,6 +118,29 @@ def resident_memory() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+class InFlight:
+    """The requests a server is answering, so that a drain can wait for them (the platform's servers too)."""
+
+    def __init__(self) -> None:
+        self._idle = threading.Condition()
+        self._in_flight = 0
+
+    def enter(self) -> None:
+        with self._idle:
+            self._in_flight += 1
+
+    def leave(self) -> None:
+        with self._idle:
+            self._in_flight -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> int:
+        """Wait until no request is in flight (at most ``timeout``); returns how many still are."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+            return self._in_flight
+
+
 @dataclass
 class Histogram:
     buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
@@ -182,8 +205,7 @@ class State:
         self.draining = False
         self.held: list[bytearray] = []
         self.metrics = Metrics()
-        self._idle = threading.Condition()
-        self._in_flight = 0
+        self.in_flight = InFlight()
 
     def readiness(self) -> tuple[bool, str]:
         """Whether to take traffic, and why not: the reasons a readiness probe exists for."""
@@ -204,20 +226,6 @@ class State:
     def held_bytes(self) -> int:
         return sum(len(block) for block in self.held)
 
-    def enter(self) -> None:
-        with self._idle:
-            self._in_flight += 1
-
-    def leave(self) -> None:
-        with self._idle:
-            self._in_flight -= 1
-            self._idle.notify_all()
-
-    def wait_idle(self, timeout: float) -> int:
-        """Wait until no request is in flight (at most ``timeout``); returns how many still are."""
-        with self._idle:
-            self._idle.wait_for(lambda: self._in_flight == 0, timeout)
-            return self._in_flight
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -424,12 +432,12 @@ class Handler(BaseHTTPRequestHandler):
         started = time.perf_counter()
         url = urlsplit(self.path)
         wants_json = "application/json" in self.headers.get("Accept", "") or "format=json" in url.query
-        self.state.enter()
+        self.state.in_flight.enter()
         try:
             response = route(self.state, method, url.path, Request(method, parse_qs(url.query), wants_json))
             self._send(response)
         finally:
-            self.state.leave()
+            self.state.in_flight.leave()
         elapsed = time.perf_counter() - started
         label = url.path if url.path in ROUTES else "other"  # a bounded set of label values
         self.state.metrics.observe(label, response.status, elapsed)
@@ -509,7 +517,7 @@ def drain(state: State, server: ThreadingHTTPServer, signame: str) -> None:
         time.sleep(state.settings.shutdown_delay)
     server.shutdown()
     server.server_close()
-    left = state.wait_idle(DRAIN_TIMEOUT)
+    left = state.in_flight.wait_idle(DRAIN_TIMEOUT)
     log("drained, exiting" if not left else f"{left} requests still running after {DRAIN_TIMEOUT:g}s, exiting")
 
 

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from labkit.apps.platform.settings import Settings
 from labkit.apps.platform.telemetry import Gauge, Metrics, log, span
-from labkit.apps.web import IPv4Server, Server, resident_memory
+from labkit.apps.web import InFlight, IPv4Server, Server, resident_memory
 
 DRAIN_TIMEOUT = 5.0  # how long in-flight requests may still run once the listener is closed
 MAX_BODY = 1 << 20  # bytes of a request body accepted
@@ -97,8 +97,7 @@ class Service:
         self.draining = False
         self._gauges = gauges
         self._ready = ready
-        self._idle = threading.Condition()
-        self._in_flight = 0
+        self.in_flight = InFlight()
         self.routes = [*routes,
                        Route("GET", "/", self.info, quiet=True),
                        Route("GET", "/version", lambda r: Response(200, settings.version + "\n"), quiet=True),
@@ -179,20 +178,6 @@ class Service:
             log("error", "request failed", error=f"{type(exc).__name__}: {exc}", route=route.label)
             return error(500, f"{type(exc).__name__}: {exc}")
 
-    def enter(self) -> None:
-        with self._idle:
-            self._in_flight += 1
-
-    def leave(self) -> None:
-        with self._idle:
-            self._in_flight -= 1
-            self._idle.notify_all()
-
-    def wait_idle(self, timeout: float) -> int:
-        with self._idle:
-            self._idle.wait_for(lambda: self._in_flight == 0, timeout)
-            return self._in_flight
-
 
 def body_object(request: Request) -> dict:
     """The JSON body, which must be an object ({} when there is none)."""
@@ -224,7 +209,7 @@ class Handler(BaseHTTPRequestHandler):
         self._serve("DELETE")
 
     def _serve(self, method: str) -> None:
-        self.service.enter()
+        self.service.in_flight.enter()
         try:
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_BODY:
@@ -234,7 +219,7 @@ class Handler(BaseHTTPRequestHandler):
                 response = self.service.handle(method, self.path, self.headers, raw)
             self._send(response)
         finally:
-            self.service.leave()
+            self.service.in_flight.leave()
 
     def _send(self, response: Response) -> None:
         body, content_type = response.encode()
@@ -296,6 +281,6 @@ def serve(service: Service, *, start: Callable[[], None] | None = None, stop: Ca
         closing()
     server.shutdown()
     server.server_close()
-    left = service.wait_idle(DRAIN_TIMEOUT)
+    left = service.in_flight.wait_idle(DRAIN_TIMEOUT)
     log("info", "drained, exiting" if not left else f"{left} requests still running after {DRAIN_TIMEOUT:g}s, exiting")
     return 0
