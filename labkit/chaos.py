@@ -23,7 +23,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-from labkit import display, manifests, readiness
+from labkit import display, manifests
 from labkit.errors import LabkitError
 
 if TYPE_CHECKING:
@@ -258,15 +258,3 @@ class Chaos:
 def _str(value: str | int | None) -> str | None:
     return None if value is None else str(value)
 
-
-def workload_steady(lab: Lab, target: str) -> bool:
-    """Whether ``target`` is in its steady state: every replica it wants ready (a Pod: Ready)."""
-    obj = lab.get(target)
-    if obj is None:
-        return False
-    kind, _ = lab._locate(target)
-    state = readiness.progress(kind.kind, obj)
-    if kind.kind in ("Deployment", "StatefulSet", "ReplicaSet"):
-        status = obj.get("status") or {}
-        return state.done and status.get("readyReplicas", 0) >= (obj.get("spec") or {}).get("replicas", 1)
-    return state.done

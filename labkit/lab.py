@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from labkit import display, manifests, readiness
-from labkit.chaos import Chaos, workload_steady
+from labkit.chaos import Chaos
 from labkit.cluster import APPLY_PATCH, MERGE_PATCH, APIError, Cluster, connect
 from labkit.errors import LabkitError
-from labkit.recovery import Measurement, Recovery, timeline
+from labkit.recovery import Measurement, Recovery, timeline, workload_steady
 from labkit.sandbox.node.quantity import rate_bits
 
 LAB_LABEL = "labkit.io/lab"

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from labkit import display
+from labkit import display, readiness
 
 if TYPE_CHECKING:
     from labkit.lab import Lab
@@ -188,3 +188,16 @@ def timeline(records: list[Recovery]):  # noqa: ANN201 - a matplotlib Figure
         axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def workload_steady(lab: Lab, target: str) -> bool:
+    """Whether ``target`` is in its steady state: every replica it wants ready (a Pod: Ready)."""
+    obj = lab.get(target)
+    if obj is None:
+        return False
+    kind, _ = lab._locate(target)
+    state = readiness.progress(kind.kind, obj)
+    if kind.kind in ("Deployment", "StatefulSet", "ReplicaSet"):
+        status = obj.get("status") or {}
+        return state.done and status.get("readyReplicas", 0) >= (obj.get("spec") or {}).get("replicas", 1)
+    return state.done

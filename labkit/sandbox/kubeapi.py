@@ -196,6 +196,12 @@ class ObjectCache:
 
 def kubelet_event(involved: dict, reason: str, message: str, *, kind: str, node: str) -> dict:
     """An Event as a kubelet on ``node`` reports one about ``involved`` (a Node or a Pod)."""
+    return component_event(involved, reason, message, kind=kind, component="kubelet", host=node)
+
+
+def component_event(involved: dict, reason: str, message: str, *, kind: str, component: str,
+                    host: str | None = None) -> dict:  # fmt: skip
+    """An Event ``component`` (on ``host``) reports about ``involved``."""
     namespace = involved.get("namespace", "default")  # events about nodes live in `default`
     stamp = api_time()
     return {
@@ -206,9 +212,9 @@ def kubelet_event(involved: dict, reason: str, message: str, *, kind: str, node:
         "reason": reason,
         "message": message,
         "type": kind,
-        "source": {"component": "kubelet", "host": node},
-        "reportingComponent": "kubelet",
-        "reportingInstance": node,
+        "source": {"component": component, **({"host": host} if host else {})},
+        "reportingComponent": component,
+        "reportingInstance": host or component,
         "firstTimestamp": stamp,
         "lastTimestamp": stamp,
         "count": 1,

@@ -44,7 +44,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Callable
 
-from labkit.sandbox.kubeapi import MERGE_PATCH, STRATEGIC_MERGE_PATCH, APIError, KubeAPI, api_time
+from labkit.sandbox.kubeapi import MERGE_PATCH, STRATEGIC_MERGE_PATCH, APIError, KubeAPI, api_time, component_event
 from labkit.sandbox.node.quantity import duration_seconds, parse as parse_quantity, rate_bits
 
 GROUP, VERSION = "chaos-mesh.org", "v1alpha1"
@@ -56,6 +56,10 @@ MODES = ("one", "all", "fixed", "fixed-percent", "random-max-percent")
 POD_ACTIONS = ("pod-kill", "pod-failure", "container-kill")
 NETWORK_ACTIONS = ("delay", "loss", "bandwidth", "partition")
 SHAPING = ("delay", "loss", "bandwidth")  # one of these at a time on a pod's traffic
+
+
+def experiment_path(kind: str, namespace: str, name: str) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{KINDS[kind]}/{name}"
 
 
 class Invalid(ValueError):
@@ -107,7 +111,7 @@ class Run:
 
     @property
     def path(self) -> str:
-        return f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{KINDS[self.kind]}/{self.name}"
+        return experiment_path(self.kind, self.namespace, self.name)
 
 
 class ChaosController(threading.Thread):
@@ -515,8 +519,7 @@ class ChaosController(threading.Thread):
                 self.log(f"chaos {run.namespace}/{run.name}: status: {exc}")
 
     def _patch(self, obj: dict, body: dict) -> None:
-        meta = obj["metadata"]
-        path = f"/apis/{GROUP}/{VERSION}/namespaces/{meta['namespace']}/{KINDS[obj['kind']]}/{meta['name']}"
+        path = experiment_path(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
         try:
             self.api.request("PATCH", path, body, content_type=MERGE_PATCH)
         except APIError as exc:
@@ -524,16 +527,9 @@ class ChaosController(threading.Thread):
                 raise
 
     def _event(self, run: Run, reason: str, message: str, kind: str = "Normal") -> None:
-        stamp = api_time()
-        event = {
-            "apiVersion": "v1", "kind": "Event",
-            "metadata": {"generateName": f"{run.name}.", "namespace": run.namespace},
-            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": run.kind, "name": run.name,
-                               "namespace": run.namespace, "uid": run.uid},
-            "reason": reason, "message": message, "type": kind,
-            "source": {"component": "chaos-controller-manager"}, "reportingComponent": "chaos-controller-manager",
-            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
-        }  # fmt: skip
+        involved = {"apiVersion": f"{GROUP}/{VERSION}", "kind": run.kind, "name": run.name, "namespace": run.namespace,
+                    "uid": run.uid}  # fmt: skip
+        event = component_event(involved, reason, message, kind=kind, component="chaos-controller-manager")
         try:
             self.api.request("POST", f"/api/v1/namespaces/{run.namespace}/events", event)
         except (APIError, OSError) as exc:

@@ -175,11 +175,8 @@ class PodWorker(threading.Thread):
 
     def unstress(self, name: str) -> None:
         c = self.container(name)
-        for process in c.stressors if c else []:
-            _signal_group(process, signal.SIGKILL)
-            process.wait()
         if c:
-            c.stressors.clear()
+            _end_stressors(c)
 
     @property
     def path(self) -> str:
@@ -609,9 +606,7 @@ class PodWorker(threading.Thread):
         if c.prober:
             c.prober.stop()
             c.prober = None
-        for stressor in c.stressors:  # load injected into it dies with it
-            _signal_group(stressor, signal.SIGKILL)
-        c.stressors.clear()
+        _end_stressors(c)  # load injected into it dies with it
         c.process = None
         c.oom = False
         c.kill_deadline = 0.0
@@ -773,14 +768,21 @@ class PodWorker(threading.Thread):
         for c in self.all_containers():
             if c.prober:
                 c.prober.stop()
-            for stressor in c.stressors:
-                _signal_group(stressor, signal.SIGKILL)
+            _end_stressors(c)
             if c.process is not None and c.process.poll() is None:
                 _signal_group(c.process, signal.SIGKILL)
                 c.process.wait()
         if self.pause is not None and self.pause.poll() is None:
             _signal_group(self.pause, signal.SIGKILL)
             self.pause.wait()
+
+
+def _end_stressors(c: Container) -> None:
+    """Kill the load a StressChaos injected into ``c``."""
+    for process in c.stressors:
+        _signal_group(process, signal.SIGKILL)
+        process.wait()
+    c.stressors.clear()
 
 
 def _exit_code(returncode: int) -> int:
