@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -20,6 +21,7 @@ from conftest import eventually, module_cluster, run_labkit
 
 import labkit
 from labkit.lab import Lab
+from labkit.sandbox import procs
 from labkit.sandbox.controlplane import Sandbox
 from labkit.sandbox.node.faults import TUN_PREFIX
 from labkit.sandbox.node.network import veth_name
@@ -258,6 +260,28 @@ def test_injected_latency_adds_to_round_trips_until_removed(lab: Lab) -> None:
     after = _round_trips(url)
     assert during - before >= 0.1, (before, during)
     assert after < before + 0.05, (before, after)
+
+
+def pod_network_links(cluster: Sandbox) -> list[str]:
+    """The names of the network devices in the sandbox's pod network (entered as the agent's user, rootless or not)."""
+    pid = cluster.network_record()["pod_network_pid"]
+    user = ["-U", "--preserve-credentials"] if procs.namespace(pid, "user") != procs.namespace(os.getpid(), "user") else []
+    done = subprocess.run(["nsenter", "-t", str(pid), *user, "-n", "ip", "-o", "link"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return [line.split(": ")[1].split("@")[0] for line in done.stdout.splitlines()]
+
+
+def test_a_removed_fault_leaves_no_device_behind(lab: Lab, cluster: Sandbox) -> None:
+    # The device goes when the agent closes its file; a file still held by a thread after removal would be read
+    # from (and written to) under a number the agent has since given to something else, such as a socket.
+    fault = lab.delay("deployment/web", 20)
+    assert TUN_PREFIX + fault.id in pod_network_links(cluster)
+    fault.remove()
+    eventually(lambda: not [n for n in pod_network_links(cluster) if n.startswith(TUN_PREFIX)], timeout=1,
+               what="the removed fault's device to go")  # fmt: skip
+    url = lab.service_url("web") + "/version"
+    for _ in range(20):  # new sockets take the freed file numbers: each still gets its own answer
+        assert urllib.request.urlopen(url, timeout=5).read().decode().strip() == "1.0"
 
 
 def test_loss_and_bandwidth_change_what_gets_through(lab: Lab) -> None:

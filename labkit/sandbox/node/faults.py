@@ -27,6 +27,7 @@ import itertools
 import os
 import random
 import secrets
+import selectors
 import socket
 import struct
 import threading
@@ -63,6 +64,7 @@ class Fault:
     # the emulator's state: the fault's TUN device and routing table, when the pipe is next free, the last release
     tun: int | None = None
     table: int = 0
+    stopped: bool = False  # removed: nothing more is read from or written to its device
     next_free: float = 0.0
     last_release: float = 0.0
 
@@ -125,10 +127,18 @@ class Faults:
         self.log = log
         self.lock = threading.Lock()
         self.faults: dict[str, Fault] = {}
-        self.queue: list[tuple[float, int, int, bytes]] = []  # (release time, order, device, packet)
+        self.queue: list[tuple[float, int, Fault, bytes]] = []  # (release time, order, fault, packet)
         self.wake = threading.Condition()
         self.counter = itertools.count()
         self.tables = itertools.count(FIRST_ROUTE_TABLE)
+        # One thread reads every fault's device and is the only one to close it: a device's file number is
+        # reused as soon as it is closed (by a socket, say), so no other thread may still hold it then.
+        self.selector = selectors.DefaultSelector()
+        self.handed: list[Fault] = []  # faults added or removed since the reading thread last looked
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_read, False)
+        self.selector.register(self.wake_read, selectors.EVENT_READ)
+        threading.Thread(target=self._read, name="faults-read", daemon=True).start()
         threading.Thread(target=self._write, name="faults-write", daemon=True).start()
 
     # -- adding and removing ----------------------------------------------------------------
@@ -154,10 +164,11 @@ class Faults:
                         self.network.run([rule])
                     except NetworkError:
                         pass  # the pod, with its veth and its rules, may be gone already
-                with self.wake:  # packets held for it go with its device (and its file number is never reused here)
-                    self.queue = [entry for entry in self.queue if entry[2] != fault.tun]
+                with self.wake:  # packets held for it go; the reading thread closes its device
+                    fault.stopped = True
+                    self.queue = [entry for entry in self.queue if entry[2] is not fault]
                     heapq.heapify(self.queue)
-                    os.close(fault.tun)
+                self._hand(fault)
             self._write_rules()
         self.log(f"fault {fault_id} off")
         return True
@@ -195,29 +206,61 @@ class Faults:
         except NetworkError:
             os.close(fd)
             raise
-        threading.Thread(target=self._read, args=(fault,), name=f"fault-{fault.id}", daemon=True).start()
+        self._hand(fault)
 
-    def _read(self, fault: Fault) -> None:
-        """Each packet the fault's pods send: dropped, or queued for when its delay, jitter and rate say."""
+    def _hand(self, fault: Fault) -> None:
+        """Tell the reading thread to start reading a new fault's device, or to close a removed one's."""
+        with self.wake:
+            self.handed.append(fault)
+        os.write(self.wake_write, b"+")
+
+    def _read(self) -> None:
+        """Each packet the faults' pods send: dropped, or queued for when its delay, jitter and rate say."""
         while True:
-            try:
-                packet = os.read(fault.tun, 65536)
-            except OSError:
-                return  # the fault was removed
-            if len(packet) < 20 or packet[0] >> 4 != 4:
-                continue  # IPv6: the pod network has none
-            if fault.loss and random.random() < fault.loss:
-                continue
-            now = time.monotonic()
-            release = now + fault.delay + (random.uniform(-fault.jitter, fault.jitter) if fault.jitter else 0.0)
-            if fault.rate:
-                fault.next_free = max(fault.next_free, now) + len(packet) * 8 / fault.rate
-                release = max(release, fault.next_free)
-            release = max(release, fault.last_release)  # never reorder
-            fault.last_release = release
-            with self.wake:
-                heapq.heappush(self.queue, (release, next(self.counter), fault.tun, checksummed(packet)))
-                self.wake.notify()
+            for key, _ in self.selector.select():
+                if key.fd == self.wake_read:
+                    self._take_handed()
+                    continue
+                fault = key.data
+                try:
+                    packet = os.read(fault.tun, 65536)
+                except OSError:  # nothing after all (non-blocking), or the device is gone with the pod network
+                    continue
+                if len(packet) < 20 or packet[0] >> 4 != 4:
+                    continue  # IPv6 (the kernel's own, on the device): the pod network has none
+                if fault.loss and random.random() < fault.loss:
+                    continue
+                now = time.monotonic()
+                release = now + fault.delay + (random.uniform(-fault.jitter, fault.jitter) if fault.jitter else 0.0)
+                if fault.rate:
+                    fault.next_free = max(fault.next_free, now) + len(packet) * 8 / fault.rate
+                    release = max(release, fault.next_free)
+                release = max(release, fault.last_release)  # never reorder
+                fault.last_release = release
+                with self.wake:
+                    if not fault.stopped:
+                        heapq.heappush(self.queue, (release, next(self.counter), fault, checksummed(packet)))
+                        self.wake.notify()
+
+    def _take_handed(self) -> None:
+        try:
+            while os.read(self.wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self.wake:
+            handed, self.handed = self.handed, []
+        for fault in handed:  # a fault may be here twice (added and at once removed)
+            if fault.tun is None:
+                continue  # closed already
+            registered = fault.tun in self.selector.get_map()
+            if fault.stopped:  # removed: the writer no longer touches its device (it checks under the lock)
+                if registered:
+                    self.selector.unregister(fault.tun)
+                os.close(fault.tun)
+                fault.tun = None
+            elif not registered:
+                self.selector.register(fault.tun, selectors.EVENT_READ, fault)
 
     def _write(self) -> None:
         """Writes each held packet back when its time comes, into the pod network, to go its way."""
@@ -225,9 +268,11 @@ class Faults:
             with self.wake:
                 while not self.queue or self.queue[0][0] > time.monotonic():
                     self.wake.wait(max(0.0, self.queue[0][0] - time.monotonic()) if self.queue else None)
-                _, _, device, packet = heapq.heappop(self.queue)
+                _, _, fault, packet = heapq.heappop(self.queue)
+                if fault.stopped:
+                    continue
                 try:
-                    os.write(device, packet)  # under the lock: a removed fault's device is never written
+                    os.write(fault.tun, packet)  # under the lock: a removed fault's device is never written
                 except OSError:
                     pass
 
@@ -237,6 +282,7 @@ def _open_tun(name: str) -> int:
     fd = os.open("/dev/net/tun", os.O_RDWR)
     try:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+        os.set_blocking(fd, False)
     except OSError:
         os.close(fd)
         raise
