@@ -11,6 +11,7 @@ What a lab notebook uses::
     lab.kubectl("get pods -o wide")                  # the real kubectl, in the lab's namespace
     lab.events()                                     # the namespace's Events as a timeline
     lab.http("deployment/web", "/version")           # a pod's HTTP port, from the notebook
+    lab.http("deployment/api", "/tasks", method="POST", json={"kind": "sleep"})
     labkit.quantity("500m")                          # 0.5: resource quantities as numbers
     lab.view()                                       # nodes and pods, live
     checks.deployment(lab, "web", replicas=3)        # a graded check with feedback

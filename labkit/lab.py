@@ -19,7 +19,7 @@ from __future__ import annotations
 import atexit
 import copy
 import datetime as dt
-import json
+import json as _json  # `json` is also lab.http's argument, as in requests
 import os
 import re
 import secrets
@@ -89,7 +89,7 @@ class Response:
         return 200 <= self.status < 400
 
     def json(self) -> Any:
-        return json.loads(self.text)
+        return _json.loads(self.text)
 
     def __repr__(self) -> str:
         return f"<Response {self.status}: {self.text[:200]!r}>"
@@ -459,9 +459,21 @@ class Lab:
 
     # -- reaching a pod ---------------------------------------------------------------------
 
-    def http(self, target: str, path: str = "/", *, port: int | None = None, timeout: float = 10) -> Response:
-        """GET ``path`` from a ready pod of ``target`` (``deployment/web``, ``pod/web-abc``, or a pod's name),
-        on ``port`` (default: the pod's first declared container port)."""
+    def http(self, target: str, path: str = "/", *, method: str = "GET", json: Any = None, data: str | bytes | None = None,
+             port: int | None = None, timeout: float = 10) -> Response:  # fmt: skip
+        """An HTTP request (GET unless ``method`` says otherwise) for ``path`` on a ready pod of ``target``
+        (``deployment/web``, ``pod/web-abc``, or a pod's name), on ``port`` (default: the pod's first declared
+        container port). ``json`` sends a value as JSON, ``data`` text or bytes as they are."""
+        method = method.upper()
+        if method not in ("GET", "POST", "PUT", "DELETE"):
+            raise LabkitError(f"lab.http sends GET, POST, PUT or DELETE, not {method}.")
+        if json is not None and data is not None:
+            raise LabkitError("Give lab.http either json= or data=, not both.")
+        body, content_type = None, "application/json"
+        if json is not None:
+            body = _json.dumps(json).encode()
+        elif data is not None:
+            body, content_type = (data.encode() if isinstance(data, str) else data), "application/octet-stream"
         pods = self.pods_of(target)
         # As a Service would: ready pods that are not shutting down.
         ready = [p for p in pods if readiness.condition(p, "Ready").get("status") == "True"
@@ -476,12 +488,15 @@ class Lab:
                 raise LabkitError(f"Pod {pod['metadata']['name']} declares no container port.",
                                   hint=f"Say which: `lab.http({target!r}, {path!r}, port=8080)`.")  # fmt: skip
             port = ports[0]
+        meta = pod["metadata"]
         if self._sandbox_node(required=False):  # through the pod's own node, which runs it
-            meta = pod["metadata"]
             node = self.cluster.get(f"/api/v1/nodes/{pod['spec']['nodeName']}")
-            return self._agent("GET", f"/labkit/proxy/{meta['namespace']}/{meta['name']}/{port}/{path.lstrip('/')}",
-                               timeout=timeout, node=node)  # fmt: skip
-        return self._http_via_apiserver(pod, port, path, timeout)
+            return self._agent(method, f"/labkit/proxy/{meta['namespace']}/{meta['name']}/{port}/{path.lstrip('/')}",
+                               body, content_type=content_type, timeout=timeout, node=node)  # fmt: skip
+        # elsewhere through the API server's pods/proxy, as on any real cluster
+        api_path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}:{port}/proxy/{path.lstrip('/')}"
+        status, answer = self.cluster.send(method, api_path, body, content_type=content_type, timeout=timeout)
+        return Response(status, answer.decode(errors="replace"))
 
     # -- the sandbox's node agent -----------------------------------------------------------
 
@@ -501,15 +516,15 @@ class Lab:
                                    "for faults).")  # fmt: skip
         return self._agent_node
 
-    def _agent(self, method: str, path: str, body: dict | None = None, timeout: float = 10,
-               node: dict | None = None) -> Response:  # fmt: skip
+    def _agent(self, method: str, path: str, body: dict | bytes | None = None, *, content_type: str = "application/json",
+               timeout: float = 10, node: dict | None = None) -> Response:  # fmt: skip
         """A request to the sandbox's node agent, through the kubelet API of ``node`` (default: any; its serving
         certificate is the cluster CA's, for 127.0.0.1; the lab's credentials are the admin's)."""
         node = node or self._sandbox_node()
         endpoint = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
-        data = json.dumps(body).encode() if body is not None else None
+        data = _json.dumps(body).encode() if isinstance(body, dict) else body
         request = urllib.request.Request(f"https://127.0.0.1:{endpoint}{path}", data=data, method=method,
-                                         headers={**self.cluster.api.headers("*/*"), "Content-Type": "application/json"})  # fmt: skip
+                                         headers={**self.cluster.api.headers("*/*"), "Content-Type": content_type})  # fmt: skip
         try:
             with urllib.request.urlopen(request, context=self.cluster.api.context, timeout=timeout) as answer:
                 return Response(answer.status, answer.read().decode(errors="replace"), dict(answer.headers))
@@ -585,13 +600,6 @@ class Lab:
         """Remove every network fault this lab injected."""
         for fault in list(self.faults.values()):
             fault.remove()
-
-    def _http_via_apiserver(self, pod: dict, port: int, path: str, timeout: float) -> Response:
-        """Through the API server's pods/proxy, as on any real cluster."""
-        meta = pod["metadata"]
-        api_path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}:{port}/proxy/{path.lstrip('/')}"
-        status, body = self.cluster.send("GET", api_path, timeout=timeout)
-        return Response(status, body.decode(errors="replace"))
 
     # -- chaos, node loss and recovery --------------------------------------------------------
 

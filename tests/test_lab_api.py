@@ -82,6 +82,82 @@ def test_apply_wait_and_reach_the_app(lab: Lab) -> None:
         checks.deployment(lab, "web", replicas=3)
 
 
+ECHO = r"""
+import json
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class Echo(BaseHTTPRequestHandler):
+    def answer(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+        reply = json.dumps({"method": self.command, "path": self.path, "body": body,
+                            "type": self.headers.get("Content-Type")}).encode()
+        self.send_response(201 if self.command == "POST" else 200)
+        self.send_header("Content-Length", str(len(reply))); self.end_headers(); self.wfile.write(reply)
+    do_GET = do_POST = do_PUT = do_DELETE = answer
+    def log_message(self, *args): pass
+HTTPServer(("0.0.0.0", 8000), Echo).serve_forever()
+"""
+
+
+def test_http_sends_each_method_with_its_body(lab: Lab) -> None:
+    lab.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo"},
+               "spec": {"containers": [{"name": "echo", "image": "python:3.12", "command": ["python3", "-c", ECHO],
+                                        "ports": [{"containerPort": 8000}],
+                                        "readinessProbe": {"tcpSocket": {"port": 8000}, "periodSeconds": 1}}]}})  # fmt: skip
+    lab.wait_ready("pod/echo", timeout=60)
+    assert lab.http("pod/echo", "/tasks?state=done").json() == {"method": "GET", "path": "/tasks?state=done", "body": "",
+                                                                "type": None}  # fmt: skip
+    posted = lab.http("pod/echo", "/tasks", method="post", json={"kind": "sleep", "ms": 5})
+    assert posted.status == 201 and posted.json() == {"method": "POST", "path": "/tasks", "type": "application/json",
+                                                      "body": '{"kind": "sleep", "ms": 5}'}  # fmt: skip
+    put = lab.http("pod/echo", "/config", method="PUT", data="MESSAGE=hi")
+    assert (put.json()["method"], put.json()["body"], put.json()["type"]) == ("PUT", "MESSAGE=hi", "application/octet-stream")
+    assert lab.http("pod/echo", "/tasks/7", method="DELETE").json()["method"] == "DELETE"
+    with pytest.raises(labkit.LabkitError, match="not PATCH"):
+        lab.http("pod/echo", "/", method="PATCH")
+    with pytest.raises(labkit.LabkitError, match="either json= or data="):
+        lab.http("pod/echo", "/", method="POST", json={}, data="x")
+
+
+TRAINEE = r"""
+import labkit
+lab = labkit.start_lab("01-deploy-and-scale")
+print("CLUSTER", lab.cluster.source, lab.namespace, flush=True)
+lab.apply(WEB)
+lab.wait_ready("deployment/web", timeout=90)
+lab.kubectl("get deployment web -o name")
+print("PODS", len(lab.pods("app=web")), flush=True)
+lab.close()
+print("LEFT", sorted(d["metadata"]["name"] for d in lab.cluster.request(
+    "GET", f"/apis/apps/v1/namespaces/{lab.namespace}/deployments")["items"]), flush=True)
+"""
+
+
+def test_a_lab_in_a_trainees_pod_works_in_its_namespace_as_its_service_account(cluster: Sandbox) -> None:
+    # As on JupyterHub on Kubernetes: the notebook server is a pod whose service account may edit its own
+    # namespace and nothing else (it cannot make namespaces, list nodes, or see other trainees).
+    ns = "trainee-ana"
+    kubectl(cluster, "create", "namespace", ns)
+    try:
+        kubectl(cluster, "-n", ns, "create", "serviceaccount", "ana")
+        kubectl(cluster, "-n", ns, "create", "rolebinding", "ana-edit", "--clusterrole=edit", f"--serviceaccount={ns}:ana")
+        script = f"WEB = {WEB.replace('IMAGE', '1.0')!r}\n" + TRAINEE
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "jupyter-ana", "namespace": ns},
+               "spec": {"serviceAccountName": "ana", "restartPolicy": "Never",
+                        "containers": [{"name": "notebook", "image": "python:3.12", "command": ["python3", "-c", script],
+                                        "env": [{"name": "HOME", "value": "/tmp"}]}]}}  # fmt: skip
+        kubectl(cluster, "apply", "-f", "-", input=json.dumps(pod))
+        phase = eventually(lambda: kubectl_json(cluster, "-n", ns, "get", "pod", "jupyter-ana")["status"].get("phase")
+                           in ("Succeeded", "Failed") and kubectl_json(cluster, "-n", ns, "get", "pod", "jupyter-ana"),
+                           timeout=180, what="the trainee's lab to finish")  # fmt: skip
+        logs = kubectl(cluster, "-n", ns, "logs", "jupyter-ana").stdout
+        assert phase["status"]["phase"] == "Succeeded", logs
+        assert f"CLUSTER in-cluster {ns}" in logs, logs  # its own namespace: it may not make one
+        assert "deployment.apps/web" in logs and "PODS 1" in logs, logs  # kubectl found the service account too
+        assert "LEFT []" in logs, logs  # closing removed what the lab made, by label
+    finally:
+        kubectl(cluster, "delete", "namespace", ns, "--wait=false")
+
+
 def test_a_bad_release_fails_the_wait_with_the_reason(lab: Lab) -> None:
     manifest = WEB.replace("IMAGE", "3.0").replace("replicas: 1", "replicas: 1\n  progressDeadlineSeconds: 3")
     lab.apply(manifest)

@@ -5,7 +5,7 @@ Each group of binaries (Kubernetes' four, and etcd) lands in its own cache folde
 from. The sources are tried in the order a classroom needs them:
 
 1. **local**: an explicit folder (``--from`` or ``$LABKIT_BIN_DIR``) or ``$PATH``,
-   for example conda-forge's ``kubernetes-server`` and ``etcd`` on Binder. Only
+   for example conda-forge's ``kubernetes-server`` and ``etcd``. Only
    binaries that report exactly the pinned version are taken; they are linked,
    not copied.
 2. **build**: the pinned Go modules under ``gobuild/`` built with the local Go

@@ -13,9 +13,9 @@ server per node, speaking what the kubelet speaks:
   (404 for an unknown pod or container; 400, which the API server passes on word
   for word, for a container with no logs to show);
 * ``GET /healthz``: ``ok``;
-* ``GET /labkit/proxy/{namespace}/{pod}/{port}/{path}``: labkit's own, not a
-  kubelet's: an HTTP GET of ``path`` on the pod's ``port``, made from inside the
-  pod's network namespace, so that a notebook can reach a pod's HTTP port
+* ``GET|POST|PUT|DELETE /labkit/proxy/{namespace}/{pod}/{port}/{path}``: labkit's
+  own, not a kubelet's: the same request for ``path`` on the pod's ``port``, made
+  from inside the pod's network namespace, so that a notebook can reach a pod's HTTP port
   as a real cluster's API server ``pods/proxy`` does. A port nothing listens on
   is a 502 with the dial error, as the API server's proxy gives it;
 * ``GET /labkit/forward/{namespace}/{service}/{port}``: labkit's own too: a port
@@ -239,16 +239,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(refusal.status, str(refusal))
 
     def do_POST(self) -> None:  # noqa: N802
-        """``POST /labkit/faults``: a network fault (faults.py's JSON form); its id and form, or 400 and why not."""
+        """``POST /labkit/faults``: a network fault (faults.py's JSON form); its id and form, or 400 and why not.
+        ``POST /labkit/proxy/...``: passed on to the pod."""
         url = urllib.parse.urlsplit(self.path)
         if not self._allowed(url, "create"):
             return
         try:
+            if url.path.startswith("/labkit/proxy/"):
+                self._proxy(url, "POST")
+                return
             if url.path != "/labkit/faults":
                 raise Refused(404, "404 page not found\n")
-            length = int(self.headers.get("Content-Length") or 0)
             try:
-                spec = json.loads(self.rfile.read(length) or b"{}")
+                spec = json.loads(self._body() or b"{}")
                 fault = self._networking().faults.add(spec)
             except (ValueError, AttributeError) as exc:
                 raise Refused(400, f"{exc}\n")
@@ -256,12 +259,28 @@ class _Handler(BaseHTTPRequestHandler):
         except Refused as refusal:
             self._reply(refusal.status, str(refusal))
 
+    def do_PUT(self) -> None:  # noqa: N802
+        """``PUT /labkit/proxy/...``: passed on to the pod."""
+        url = urllib.parse.urlsplit(self.path)
+        if not self._allowed(url, "update"):
+            return
+        try:
+            if not url.path.startswith("/labkit/proxy/"):
+                raise Refused(404, "404 page not found\n")
+            self._proxy(url, "PUT")
+        except Refused as refusal:
+            self._reply(refusal.status, str(refusal))
+
     def do_DELETE(self) -> None:  # noqa: N802
-        """``DELETE /labkit/faults/{id}``: the fault is removed (404 if there is none)."""
+        """``DELETE /labkit/faults/{id}``: the fault is removed (404 if there is none). ``DELETE /labkit/proxy/...``:
+        passed on to the pod."""
         url = urllib.parse.urlsplit(self.path)
         if not self._allowed(url, "delete"):
             return
         try:
+            if url.path.startswith("/labkit/proxy/"):
+                self._proxy(url, "DELETE")
+                return
             parts = url.path.split("/")
             if len(parts) != 4 or parts[:3] != ["", "labkit", "faults"]:
                 raise Refused(404, "404 page not found\n")
@@ -291,18 +310,25 @@ class _Handler(BaseHTTPRequestHandler):
                         limit_bytes=options.limit_bytes, **extra)  # fmt: skip
         self._stream(chunks)
 
-    def _proxy(self, url: urllib.parse.SplitResult) -> None:
+    def _body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _proxy(self, url: urllib.parse.SplitResult, method: str = "GET") -> None:
         parts = url.path.split("/", 6)  # "", "labkit", "proxy", namespace, pod, port, path
         if len(parts) < 6 or not parts[5].isdigit():
             raise Refused(404, "404 page not found\n")
         namespace, pod, port = parts[3], parts[4], int(parts[5])
         worker = find_pod(self.server.owner.workers(), namespace, pod)
         target = "/" + (parts[6] if len(parts) > 6 else "") + (f"?{url.query}" if url.query else "")
+        body = self._body() if method != "GET" else None
+        headers = {"Accept": self.headers.get("Accept", "*/*")}
+        if body:
+            headers["Content-Type"] = self.headers.get("Content-Type", "application/octet-stream")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=PROXY_TIMEOUT)
             in_network(worker.network_pid(), conn.connect)  # from inside the pod's network
             try:
-                conn.request("GET", target, headers={"Accept": self.headers.get("Accept", "*/*")})
+                conn.request(method, target, body=body, headers=headers)
                 response = conn.getresponse()
                 body = response.read(PROXY_LIMIT)
             finally:
