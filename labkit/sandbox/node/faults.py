@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from labkit.sandbox.node.handoff import Handoff
 from labkit.sandbox.node.namespaces import in_network
 from labkit.sandbox.node.network import NetworkError, PodNetwork
 
@@ -134,10 +135,7 @@ class Faults:
         # One thread reads every fault's device and is the only one to close it: a device's file number is
         # reused as soon as it is closed (by a socket, say), so no other thread may still hold it then.
         self.selector = selectors.DefaultSelector()
-        self.handed: list[Fault] = []  # faults added or removed since the reading thread last looked
-        self.wake_read, self.wake_write = os.pipe()
-        os.set_blocking(self.wake_read, False)
-        self.selector.register(self.wake_read, selectors.EVENT_READ)
+        self.handed: Handoff[Fault] = Handoff(self.selector)  # faults added, or removed, for the reading thread
         threading.Thread(target=self._read, name="faults-read", daemon=True).start()
         threading.Thread(target=self._write, name="faults-write", daemon=True).start()
 
@@ -168,7 +166,7 @@ class Faults:
                     fault.stopped = True
                     self.queue = [entry for entry in self.queue if entry[2] is not fault]
                     heapq.heapify(self.queue)
-                self._hand(fault)
+                self.handed.hand(fault)
             self._write_rules()
         self.log(f"fault {fault_id} off")
         return True
@@ -206,19 +204,13 @@ class Faults:
         except NetworkError:
             os.close(fd)
             raise
-        self._hand(fault)
-
-    def _hand(self, fault: Fault) -> None:
-        """Tell the reading thread to start reading a new fault's device, or to close a removed one's."""
-        with self.wake:
-            self.handed.append(fault)
-        os.write(self.wake_write, b"+")
+        self.handed.hand(fault)
 
     def _read(self) -> None:
         """Each packet the faults' pods send: dropped, or queued for when its delay, jitter and rate say."""
         while True:
             for key, _ in self.selector.select():
-                if key.fd == self.wake_read:
+                if key.fd == self.handed.read:
                     self._take_handed()
                     continue
                 fault = key.data
@@ -243,14 +235,8 @@ class Faults:
                         self.wake.notify()
 
     def _take_handed(self) -> None:
-        try:
-            while os.read(self.wake_read, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        with self.wake:
-            handed, self.handed = self.handed, []
-        for fault in handed:  # a fault may be here twice (added and at once removed)
+        """Start reading the devices of faults just added; close those of faults just removed."""
+        for fault in self.handed.take():  # a fault may be here twice (added and at once removed)
             if fault.tun is None:
                 continue  # closed already
             registered = fault.tun in self.selector.get_map()

@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from labkit.sandbox.node.handoff import Handoff
+
 MAX_LINE = 16 * 1024  # containerd's max_container_log_line_size: longer lines are split with the P tag
 MAX_FILE_BYTES = 10 * 2**20  # the kubelet's containerLogMaxSize
 READ_CHUNK = 64 * 1024
@@ -174,22 +176,16 @@ class _Capture(threading.Thread):
     def __init__(self) -> None:
         super().__init__(name="container-logs", daemon=True)
         self.selector = selectors.DefaultSelector()
-        self.wake_read, self.wake_write = os.pipe()
-        os.set_blocking(self.wake_read, False)
-        self.lock = threading.Lock()
-        self.incoming: list[_Stream] = []
+        self.incoming: Handoff[_Stream] = Handoff(self.selector)
 
     def add(self, stream: _Stream) -> None:
         """Hand a pipe to the thread (it registers it itself: the selector is only touched there)."""
-        with self.lock:
-            self.incoming.append(stream)
-        os.write(self.wake_write, b"+")
+        self.incoming.hand(stream)
 
     def run(self) -> None:
-        self.selector.register(self.wake_read, selectors.EVENT_READ)
         while True:
             for key, _ in self.selector.select():
-                if key.fd == self.wake_read:
+                if key.fd == self.incoming.read:
                     self._register()
                     continue
                 try:
@@ -200,14 +196,7 @@ class _Capture(threading.Thread):
                     self._end(key.data)
 
     def _register(self) -> None:
-        try:
-            while os.read(self.wake_read, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        with self.lock:
-            incoming, self.incoming = self.incoming, []
-        for stream in incoming:
+        for stream in self.incoming.take():
             self.selector.register(stream.fd, selectors.EVENT_READ, stream)
 
     def _read(self, stream: _Stream) -> None:
