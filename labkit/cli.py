@@ -205,21 +205,44 @@ def cmd_course_recoveries(args: argparse.Namespace) -> int:
     if not records:
         print("No measurements: the lab records them with lab.measure, in labkit-results.json beside each notebook.")
         return 0
-    by_fault: dict[str, list[dict]] = {}
+    if args.lab:
+        _recovery_table("FAULT", _grouped(records, "fault"))
+        return 0
+    # The cohort across the course: how fast it detects and recovers, lab after lab, and each trainee's trend.
+    by_lab = _grouped(records, "lab")
+    _recovery_table("LAB", by_lab)
+    students = sorted({r["student"] for r in records})
+    print("\nTime to recover per trainee (median over the lab's faults; 'never' if one was not recovered)")
+    print(f"{'TRAINEE':<20}" + "".join(f"{lab[:14]:>16}" for lab in by_lab))
+    for student in students:
+        cells = []
+        for group in by_lab.values():
+            own = [r for r in group if r["student"] == student]
+            cells.append("-" if not own else "never" if any(r.get("ttr") is None for r in own)
+                         else _median([r["ttr"] for r in own]))  # fmt: skip
+        print(f"{student[:19]:<20}" + "".join(f"{cell:>16}" for cell in cells))
+    return 0
+
+
+def _grouped(records: list[dict], key: str) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
     for record in records:
-        by_fault.setdefault(record["fault"], []).append(record)
+        groups.setdefault(record[key], []).append(record)
+    return groups
 
-    def median(values: list) -> str:
-        known = sorted(v for v in values if v is not None)
-        return f"{statistics.median(known):.1f} s" if known else "-"
 
-    print(f"{'FAULT':<32}{'RUNS':>5}  {'DETECTED (median)':>18}  {'ACTED (median)':>15}  {'RECOVERED (median)':>19}  NEVER RECOVERED")
-    for fault, group in by_fault.items():
+def _median(values: list) -> str:
+    known = sorted(v for v in values if v is not None)
+    return f"{statistics.median(known):.1f} s" if known else "-"
+
+
+def _recovery_table(title: str, groups: dict[str, list[dict]]) -> None:
+    print(f"{title:<32}{'RUNS':>5}  {'DETECTED (median)':>18}  {'ACTED (median)':>15}  {'RECOVERED (median)':>19}  NEVER RECOVERED")
+    for name, group in groups.items():
         acted = [r["acted"] - r["started"] if r.get("acted") else None for r in group]
         never = sorted({r["student"] for r in group if r.get("ttr") is None})
-        print(f"{fault[:31]:<32}{len(group):>5}  {median([r.get('ttd') for r in group]):>18}  {median(acted):>15}  "
-              f"{median([r.get('ttr') for r in group]):>19}  {', '.join(never) or '-'}")
-    return 0
+        print(f"{name[:31]:<32}{len(group):>5}  {_median([r.get('ttd') for r in group]):>18}  {_median(acted):>15}  "
+              f"{_median([r.get('ttr') for r in group]):>19}  {', '.join(never) or '-'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,9 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                                            "graders/ and its source notebooks are notebooks/.")  # fmt: skip
     sub = course.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
 
-    def step(name: str, help_text: str, func, exchange: bool = False) -> argparse.ArgumentParser:  # noqa: ANN001
+    def step(name: str, help_text: str, func, exchange: bool = False, every_lab: str = "") -> argparse.ArgumentParser:  # noqa: ANN001
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("lab", help="the lab, e.g. 01-deploy-and-scale (a unique prefix such as 01 will do)")
+        p.add_argument("lab", nargs="?" if every_lab else None,
+                       help="the lab, e.g. 01-deploy-and-scale (a unique prefix such as 01 will do)" + every_lab)
         p.add_argument("--root", help="the nbgrader course root (default: $LABKIT_COURSE_ROOT, else graders/)")
         if exchange:
             p.add_argument("--exchange", action="store_true", help="also through the JupyterHub exchange")
@@ -292,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grade N submissions at a time (default: %(default)s, this machine's CPUs up to 4)")
     step("feedback", "write each trainee's graded notebook as HTML feedback", cmd_course_feedback, exchange=True)
     step("scores", "show the gradebook's scores of a lab", cmd_course_scores)
-    p = step("recoveries", "the cohort's time to detect, to act and to recover, per fault the lab injected",
-             cmd_course_recoveries)  # fmt: skip
+    p = step("recoveries", "the cohort's time to detect, to act and to recover, per fault a lab injected, or lab "
+             "after lab", cmd_course_recoveries, every_lab="; without it, every lab, and each trainee's trend")  # fmt: skip
     p.add_argument("--graded", action="store_true", help="from the graded re-runs instead of the trainees' own runs")
     return parser
 

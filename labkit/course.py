@@ -282,22 +282,22 @@ class Course:
         lab = self._lab(lab)
         return [self.score(lab, student) for student in self.submitted(lab)]
 
-    def recoveries(self, lab: str, *, graded: bool = False) -> list[dict]:
+    def recoveries(self, lab: str | None = None, *, graded: bool = False) -> list[dict]:
         """The time-to-detect and time-to-recover measurements (``labkit.recovery``) of each trainee's run of
-        ``lab``: as submitted (the trainee's own session, when they acted), or as graded (the re-run). One dict
-        per measurement, with its ``student``."""
+        ``lab`` (default: of every lab, in course order): as submitted (the trainee's own session, when they
+        acted), or as graded (the re-run). One dict per measurement, with its ``student`` and ``lab``."""
         from labkit.recovery import RESULTS_FILE
 
-        lab = self._lab(lab)
         folder = self.root / ("autograded" if graded else "submitted")
         found = []
-        for path in sorted(folder.glob(f"*/{lab}/{RESULTS_FILE}")):
-            try:
-                runs = json.loads(path.read_text()).get("runs", {})
-            except (OSError, ValueError):
-                continue  # a damaged file: that trainee has no figures
-            for run in runs.values():
-                found += [{**record, "student": path.parts[-3]} for record in run.get("recoveries", [])]
+        for name in [self._lab(lab)] if lab else self.labs():
+            for path in sorted(folder.glob(f"*/{name}/{RESULTS_FILE}")):
+                try:
+                    runs = json.loads(path.read_text()).get("runs", {})
+                except (OSError, ValueError):
+                    continue  # a damaged file: that trainee has no figures
+                for run in runs.values():
+                    found += [{**record, "student": path.parts[-3], "lab": name} for record in run.get("recoveries", [])]
         return found
 
     def feedback(self, lab: str, *, exchange: bool = False, say: Callable[[str], None] = print) -> Path:

@@ -170,6 +170,33 @@ def test_the_failure_lab_grades_one_at_a_time_full_marks_and_zero(course: Course
     assert "a node is lost" in table.stdout and "blank" in table.stdout, table.stdout + table.stderr
 
 
+def test_the_cohorts_recoveries_lab_after_lab(tmp_path: Path) -> None:
+    # What trainees' runs saved (labkit.recovery's own records), as collected into a course root.
+    from labkit.recovery import RESULTS_FILE, Recovery
+
+    root = tmp_path / "course"
+    shutil.copy(REPOSITORY / "graders" / "nbgrader_config.py", root.mkdir() or root)
+    runs = {("ana", "03-failure-and-self-healing"): [("a node is lost", 50, 70)],
+            ("ana", "05-resilience-patterns"): [("latency", 4, 9), ("partition", 2, 5)],
+            ("bo", "03-failure-and-self-healing"): [("a node is lost", 52, None)],
+            ("bo", "05-resilience-patterns"): [("latency", 6, 15)]}  # fmt: skip
+    for (student, lab), faults in runs.items():
+        folder = root / "submitted" / student / lab
+        folder.mkdir(parents=True)
+        records = [Recovery(fault, "deployment/api", 1000.0, 1000.0 + ttd, None, 1000.0 + ttr if ttr else None).as_dict()
+                   for fault, ttd, ttr in faults]  # fmt: skip
+        (folder / RESULTS_FILE).write_text(json.dumps({"runs": {"r1": {"lab": lab, "recoveries": records}}}))
+    course = Course(root, NOTEBOOKS)
+    assert [r["lab"] for r in course.recoveries()] == ["03-failure-and-self-healing"] * 2 + ["05-resilience-patterns"] * 3
+    table = subprocess.run([sys.executable, "-m", "labkit", "course", "recoveries", "--root", str(root)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    lines = table.stdout.splitlines()
+    row = {line.split()[0]: line.split() for line in lines if line.split()}
+    assert row["03-failure-and-self-healing"][1:4] == ["2", "51.0", "s"] and row["03-failure-and-self-healing"][-1] == "bo"
+    assert row["05-resilience-patterns"][1] == "3" and "9.0 s" in lines[2], table.stdout  # median of 9, 5, 15
+    assert row["ana"][1:] == ["70.0", "s", "7.0", "s"] and row["bo"][1:] == ["never", "15.0", "s"], table.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("lab", ["04-consensus-and-quorum", "05-resilience-patterns"])
 def test_the_later_labs_grade_full_marks_and_zero(course: Course, cluster: Sandbox, tmp_path: Path, lab: str,
