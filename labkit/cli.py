@@ -200,6 +200,13 @@ def cmd_course_scores(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_course_trainees(args: argparse.Namespace) -> int:
+    from labkit.hub import manifests
+
+    print(manifests(args.trainees, prefix=args.prefix), end="")
+    return 0
+
+
 def cmd_course_recoveries(args: argparse.Namespace) -> int:
     records = _course(args).recoveries(args.lab, graded=args.graded)
     if not records:
@@ -319,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = step("recoveries", "the cohort's time to detect, to act and to recover, per fault a lab injected, or lab "
              "after lab", cmd_course_recoveries, every_lab="; without it, every lab, and each trainee's trend")  # fmt: skip
     p.add_argument("--graded", action="store_true", help="from the graded re-runs instead of the trainees' own runs")
+    p = sub.add_parser("trainees", help="the YAML that gives each trainee a namespace on a JupyterHub class's cluster",
+                       description="Print the manifests that prepare a class's cluster for JupyterHub: per trainee a "
+                                   "namespace, the ServiceAccount their JupyterLab pod runs as and a Role for the labs; "
+                                   "for the class, read access to nodes. Apply them: "
+                                   "`labkit course trainees alice bob | kubectl apply -f -`.")  # fmt: skip
+    p.add_argument("trainees", nargs="+", metavar="TRAINEE", help="user names, as KubeSpawner names their namespaces")
+    p.add_argument("--prefix", default="lab-", help="namespace = PREFIX + name (default: %(default)s)")
+    p.set_defaults(func=cmd_course_trainees)
     return parser
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import kubectl_json, module_cluster
+from conftest import eventually, kubectl, kubectl_json, module_cluster
 
 from labkit.course import Course
+from labkit.paths import cache_root
 from labkit.sandbox.controlplane import Sandbox
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -58,6 +59,56 @@ def test_each_lab_runs_end_to_end_and_cleans_up(cluster: Sandbox, lab: str, tmp_
     text = "\n".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "✔" in text and "is being deleted" in text
     assert lab_namespaces(cluster, lab) == [], "the lab's namespace outlived the lab"
+
+
+NOTEBOOK_SERVER = r"""
+import os, sys, papermill
+os.chdir(sys.argv[1])
+papermill.execute_notebook(sys.argv[2], "executed.ipynb", kernel_name="python3", execution_timeout=300)
+"""
+
+
+def test_a_trainee_on_jupyterhub_does_lab_04_in_the_namespace_prepared_for_them(cluster: Sandbox, tmp_path: Path) -> None:
+    # The class's cluster prepared as the instructor guide says (`labkit course trainees ... | kubectl apply -f -`);
+    # the trainee's JupyterLab pod runs as their ServiceAccount, in their namespace, with the labs' Role and no more.
+    prepared = subprocess.run([sys.executable, "-m", "labkit", "course", "trainees", "ana"], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+    assert prepared.returncode == 0, prepared.stderr
+    kubectl(cluster, "apply", "-f", "-", input=prepared.stdout)
+    lab, (notebook, _) = "04-consensus-and-quorum", LABS["04-consensus-and-quorum"]
+    try:
+        # Their home (a volume, as KubeSpawner gives one) holds the lab's notebook, fetched from the exchange.
+        shutil.copy(NOTEBOOKS / lab / notebook, tmp_path / notebook)
+        kubectl(cluster, "apply", "-f", "-", input=json.dumps(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "jupyter-ana", "namespace": "lab-ana"},
+             "spec": {"serviceAccountName": "trainee", "restartPolicy": "Never",
+                      "volumes": [{"name": "home", "hostPath": {"path": str(tmp_path), "type": "Directory"}}],
+                      "containers": [{"name": "notebook", "image": "python:3.12",
+                                      "command": ["python3", "-c", NOTEBOOK_SERVER, "/home/jovyan", notebook],
+                                      "volumeMounts": [{"name": "home", "mountPath": "/home/jovyan"}],
+                                      "env": [{"name": "LABKIT_CACHE_DIR", "value": str(cache_root())}]}]}}))  # fmt: skip
+
+        def finished() -> str | None:
+            phase = kubectl_json(cluster, "-n", "lab-ana", "get", "pod", "jupyter-ana")["status"].get("phase")
+            return phase if phase in ("Succeeded", "Failed") else None
+
+        phase = eventually(finished, timeout=400, what="the trainee's run of the lab")
+        logs = kubectl(cluster, "-n", "lab-ana", "logs", "jupyter-ana", check=False).stdout
+        assert (tmp_path / "executed.ipynb").exists(), logs[-3000:]
+        executed = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
+        assert phase == "Succeeded" and not errors(executed), f"{errors(executed)}\n{logs[-3000:]}"
+        text = "\n".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
+        assert "this Kubernetes cluster (service account in namespace lab-ana)" in text, text[:2000]
+        assert "✔" in text and "what it made is being deleted" in text
+
+        def may(*args: str) -> str:
+            return kubectl(cluster, "auth", "can-i", *args, "--as=system:serviceaccount:lab-ana:trainee", check=False).stdout.strip()
+
+        # ... and it could not have done anything outside: no namespaces of its own, nothing in another one.
+        assert may("create", "networkchaos.chaos-mesh.org", "-n", "lab-ana") == "yes"
+        assert may("create", "namespaces") == may("create", "pods", "-n", "default") == may("delete", "nodes") == "no"
+    finally:
+        kubectl(cluster, "delete", "-f", "-", "--wait=false", "--ignore-not-found", input=prepared.stdout, check=False)
 
 
 # -- the instructor's side ----------------------------------------------------------------------------
