@@ -14,7 +14,8 @@ notebook does. In the sandbox the node agent carries them out::
     lab.chaos.apply(yaml_text)                                     # any Chaos Mesh manifest
 
 A target is a workload (``deployment/web``: the pods it selects), a pod
-(``pod/web-0``) or a label selector (``app=web``).
+(``pod/web-0``), a label selector (``app=web``), or a list of those (their pods,
+by name: ``lab.chaos.partition("pod/etcd-0", ["pod/etcd-1", "pod/etcd-2"])``).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class Chaos:
             made.append(experiment)
         return made[0] if len(made) == 1 else made
 
-    def _make(self, kind: str, action: str | None, target: str, spec: dict, name: str | None) -> Experiment:
+    def _make(self, kind: str, action: str | None, target: str | list[str], spec: dict, name: str | None) -> Experiment:
         body = {"selector": self.selector(target), **spec}
         if action:
             body["action"] = action
@@ -147,8 +148,17 @@ class Chaos:
         return self.apply({"apiVersion": GROUP_VERSION, "kind": kind,
                            "metadata": {"name": name or f"{slug}-{secrets.token_hex(2)}"}, "spec": body})  # fmt: skip
 
-    def selector(self, target: str) -> dict:
-        """A Chaos Mesh selector for ``target``: a workload's pods, one pod, or a label selector."""
+    def selector(self, target: str | list[str]) -> dict:
+        """A Chaos Mesh selector for ``target``: a workload's pods, one pod, or a label selector; or, for a list of
+        those, all their pods by name (a selector's fields narrow each other, so a union is named pod by pod)."""
+        if isinstance(target, (list, tuple)):
+            names: set[str] = set()
+            for one in target:
+                pods = self.lab.pods(one) if "=" in one and "/" not in one else self.lab.pods_of(one)
+                names |= {p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp")}
+            if not names:
+                raise LabkitError(f"{', '.join(target)}: no pods to aim at.", hint="`lab.wait_ready(...)` first.")
+            return {"pods": {self.lab.namespace: sorted(names)}}
         if "=" in target and "/" not in target:
             labels = dict(part.split("=", 1) for part in target.split(","))
             return {"labelSelectors": {k.strip(): v.strip() for k, v in labels.items()}}
@@ -166,19 +176,19 @@ class Chaos:
 
     # -- PodChaos -------------------------------------------------------------------------------
 
-    def pod_kill(self, target: str, *, mode: str = "one", value: str | int | None = None, grace_period: int = 0,
+    def pod_kill(self, target: str | list[str], *, mode: str = "one", value: str | int | None = None, grace_period: int = 0,
                  name: str | None = None) -> Experiment:  # fmt: skip
         """Delete ``target``'s pods (``mode``: one, all, fixed, fixed-percent, random-max-percent)."""
         return self._make("PodChaos", "pod-kill", target, {"mode": mode, "value": _str(value),
                                                            "gracePeriod": grace_period}, name)  # fmt: skip
 
-    def pod_failure(self, target: str, *, duration: str = "30s", mode: str = "one", value: str | int | None = None,
+    def pod_failure(self, target: str | list[str], *, duration: str = "30s", mode: str = "one", value: str | int | None = None,
                     name: str | None = None) -> Experiment:  # fmt: skip
         """Make ``target``'s pods serve nothing for ``duration`` (their containers run the pause image)."""
         return self._make("PodChaos", "pod-failure", target, {"mode": mode, "value": _str(value),
                                                               "duration": duration}, name)  # fmt: skip
 
-    def container_kill(self, target: str, containers: list[str] | str, *, mode: str = "one",
+    def container_kill(self, target: str | list[str], containers: list[str] | str, *, mode: str = "one",
                        value: str | int | None = None, name: str | None = None) -> Experiment:  # fmt: skip
         """Kill the named containers of ``target``'s pods (they restart per the pod's restartPolicy)."""
         names = [containers] if isinstance(containers, str) else list(containers)
@@ -187,44 +197,45 @@ class Chaos:
 
     # -- NetworkChaos ---------------------------------------------------------------------------
 
-    def _network(self, action: str, target: str, spec: dict, to: str | None, direction: str, duration: str | None,
-                 mode: str, name: str | None) -> Experiment:  # fmt: skip
+    def _network(self, action: str, target: str | list[str], spec: dict, to: str | list[str] | None, direction: str,
+                 duration: str | None, mode: str, name: str | None) -> Experiment:  # fmt: skip
         extra = {"mode": mode, "direction": direction, "duration": duration, **spec}
         if to is not None:
             extra["target"] = {"mode": "all", "selector": self.selector(to)}
         return self._make("NetworkChaos", action, target, extra, name)
 
-    def delay(self, target: str, latency: str = "100ms", *, jitter: str = "0ms", to: str | None = None,
+    def delay(self, target: str | list[str], latency: str = "100ms", *, jitter: str = "0ms", to: str | list[str] | None = None,
               direction: str = "to", duration: str | None = None, mode: str = "all",
               name: str | None = None) -> Experiment:  # fmt: skip
         """Delay what ``target``'s pods send (only to ``to``'s pods if given) by ``latency`` ± ``jitter``."""
         return self._network("delay", target, {"delay": {"latency": latency, "jitter": jitter}}, to, direction,
                              duration, mode, name)  # fmt: skip
 
-    def loss(self, target: str, percent: float, *, to: str | None = None, direction: str = "to",
+    def loss(self, target: str | list[str], percent: float, *, to: str | list[str] | None = None, direction: str = "to",
              duration: str | None = None, mode: str = "all", name: str | None = None) -> Experiment:  # fmt: skip
         """Drop ``percent`` of what ``target``'s pods send."""
         return self._network("loss", target, {"loss": {"loss": f"{percent:g}"}}, to, direction, duration, mode, name)
 
-    def bandwidth(self, target: str, rate: str, *, to: str | None = None, direction: str = "to",
+    def bandwidth(self, target: str | list[str], rate: str, *, to: str | list[str] | None = None, direction: str = "to",
                   duration: str | None = None, mode: str = "all", name: str | None = None) -> Experiment:  # fmt: skip
         """Limit what ``target``'s pods send to ``rate`` (``"1mbit"`` bits, ``"1mbps"`` bytes a second)."""
         return self._network("bandwidth", target, {"bandwidth": {"rate": rate}}, to, direction, duration, mode, name)
 
-    def partition(self, target: str, other: str, *, direction: str = "both", duration: str | None = None,
+    def partition(self, target: str | list[str], other: str | list[str], *, direction: str = "both", duration: str | None = None,
                   mode: str = "all", name: str | None = None) -> Experiment:  # fmt: skip
-        """Cut ``target``'s pods off from ``other``'s (both ways, or ``direction`` to / from)."""
+        """Cut ``target``'s pods off from ``other``'s (both ways, or ``direction`` to / from); either side may be a
+        list (``["pod/etcd-1", "pod/etcd-2"]``)."""
         return self._network("partition", target, {}, other, direction, duration, mode, name)
 
     # -- StressChaos ----------------------------------------------------------------------------
 
-    def stress_cpu(self, target: str, *, workers: int = 1, load: int = 100, duration: str = "30s", mode: str = "one",
+    def stress_cpu(self, target: str | list[str], *, workers: int = 1, load: int = 100, duration: str = "30s", mode: str = "one",
                    name: str | None = None) -> Experiment:  # fmt: skip
         """Keep ``workers`` CPUs busy at ``load`` percent inside ``target``'s pods."""
         return self._make("StressChaos", None, target, {"mode": mode, "duration": duration,
                                                         "stressors": {"cpu": {"workers": workers, "load": load}}}, name)  # fmt: skip
 
-    def stress_memory(self, target: str, size: str = "256MB", *, workers: int = 1, duration: str = "30s",
+    def stress_memory(self, target: str | list[str], size: str = "256MB", *, workers: int = 1, duration: str = "30s",
                       mode: str = "one", name: str | None = None) -> Experiment:  # fmt: skip
         """Hold ``size`` of memory (per worker) inside ``target``'s pods: it counts toward their limit."""
         return self._make("StressChaos", None, target, {"mode": mode, "duration": duration,

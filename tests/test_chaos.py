@@ -186,6 +186,45 @@ def test_a_partition_cuts_pods_apart_and_heals_when_it_ends(lab: Lab) -> None:
     eventually(lambda: _last_try(lab) == "ok", timeout=20, what="the partition to heal")
 
 
+CLIENT_OF_MANY = """
+apiVersion: v1
+kind: Pod
+metadata: {name: client, labels: {app: client}}
+spec:
+  containers:
+  - name: client
+    image: python:3.12
+    command:
+    - python3
+    - -u
+    - -c
+    - |
+      import socket, time
+      def attempt(address):
+          try:
+              socket.create_connection((address, 8080), timeout=0.5).close()
+              return "ok"
+          except OSError:
+              return "fail"
+      while True:
+          print(" ".join(attempt(a) for a in "SERVERS".split(",")))
+          time.sleep(0.3)
+"""
+
+
+def test_a_partition_takes_lists_of_pods_on_either_side(lab: Lab) -> None:
+    servers = deploy(lab, 3)
+    lab.apply(CLIENT_OF_MANY.replace("SERVERS", ",".join(p["status"]["podIP"] for p in servers)))
+    lab.wait_ready("pod/client")
+    eventually(lambda: _last_try(lab) == "ok ok ok", what="the client reaching the three servers")
+    cut_off = [f"pod/{p['metadata']['name']}" for p in servers[:2]]
+    cut = lab.chaos.partition("pod/client", cut_off, duration="30s").wait_injected()
+    assert cut.object()["spec"]["target"]["selector"] == {"pods": {lab.namespace: sorted(c[4:] for c in cut_off)}}
+    eventually(lambda: _last_try(lab) == "fail fail ok", timeout=20, what="the client cut from the two listed pods only")
+    cut.delete()
+    eventually(lambda: _last_try(lab) == "ok ok ok", timeout=20, what="the partition to heal")
+
+
 def _cpu_seconds(lab: Lab, pod: dict) -> float:
     # The node's kubelet API, straight: the API server's node proxy refuses the nodes' loopback addresses.
     node = lab.cluster.get(f"/api/v1/nodes/{pod['spec']['nodeName']}")
