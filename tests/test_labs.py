@@ -157,12 +157,23 @@ def _submission(course: Course, folder: Path, lab: str, student: str, answers: d
     return target
 
 
+def _solutions(lab: str) -> dict[str, str]:
+    """The source notebook's answer cells, by grade_id."""
+    return {c.metadata["nbgrader"]["grade_id"]: c.source for c in _cells(NOTEBOOKS / lab / LABS[lab][0])
+            if c.metadata.get("nbgrader", {}).get("solution")}  # fmt: skip
+
+
+def _blank_and_complete(course: Course, folder: Path, lab: str) -> list[Path]:
+    """``lab`` released, and two trainees' folders: one left blank, one with the solutions."""
+    course.release(lab, say=lambda _: None)
+    return [_submission(course, folder, lab, "blank", {}), _submission(course, folder, lab, "complete", _solutions(lab))]
+
+
 def test_autograding_scores_what_each_submission_did(course: Course, cluster: Sandbox, tmp_path: Path) -> None:
     lab = "01-deploy-and-scale"
     notebook, full = LABS[lab]
     course.release(lab, say=lambda _: None)
-    solutions = {c.metadata["nbgrader"]["grade_id"]: c.source for c in _cells(NOTEBOOKS / lab / notebook)
-                 if c.metadata.get("nbgrader", {}).get("solution")}  # fmt: skip
+    solutions = _solutions(lab)
     task1 = solutions["task1-answer"]
     submissions = [
         _submission(course, tmp_path, lab, "blank", {}),
@@ -198,11 +209,8 @@ def test_the_failure_lab_grades_one_at_a_time_full_marks_and_zero(course: Course
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setenv("KUBECONFIG", str(cluster.state.kubeconfig))  # graded on the module's sandbox
     lab = "03-failure-and-self-healing"
-    notebook, full = LABS[lab]
-    course.release(lab, say=lambda _: None)
-    solutions = {c.metadata["nbgrader"]["grade_id"]: c.source for c in _cells(NOTEBOOKS / lab / notebook)
-                 if c.metadata.get("nbgrader", {}).get("solution")}  # fmt: skip
-    submissions = [_submission(course, tmp_path, lab, "blank", {}), _submission(course, tmp_path, lab, "complete", solutions)]
+    _, full = LABS[lab]
+    submissions = _blank_and_complete(course, tmp_path, lab)
     log: list[str] = []
     results = {r.student: r for r in course.autograde(lab, submissions, cluster="kubeconfig", parallel=2,
                                                       say=log.append)}  # fmt: skip
@@ -253,11 +261,8 @@ def test_the_cohorts_recoveries_lab_after_lab(tmp_path: Path) -> None:
 def test_the_later_labs_grade_full_marks_and_zero(course: Course, cluster: Sandbox, tmp_path: Path, lab: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setenv("KUBECONFIG", str(cluster.state.kubeconfig))  # graded on the module's sandbox
-    notebook, full = LABS[lab]
-    course.release(lab, say=lambda _: None)
-    solutions = {c.metadata["nbgrader"]["grade_id"]: c.source for c in _cells(NOTEBOOKS / lab / notebook)
-                 if c.metadata.get("nbgrader", {}).get("solution")}  # fmt: skip
-    submissions = [_submission(course, tmp_path, lab, "blank", {}), _submission(course, tmp_path, lab, "complete", solutions)]
+    _, full = LABS[lab]
+    submissions = _blank_and_complete(course, tmp_path, lab)
     log: list[str] = []
     # One at a time: each measures the cluster (elections, tail latencies) and would disturb the other's figures.
     results = {r.student: r for r in course.autograde(lab, submissions, cluster="kubeconfig", parallel=1, say=log.append)}

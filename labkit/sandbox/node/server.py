@@ -246,7 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             if url.path.startswith("/labkit/proxy/"):
-                self._proxy(url, "POST")
+                self._proxy(url)
                 return
             if url.path != "/labkit/faults":
                 raise Refused(404, "404 page not found\n")
@@ -267,7 +267,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if not url.path.startswith("/labkit/proxy/"):
                 raise Refused(404, "404 page not found\n")
-            self._proxy(url, "PUT")
+            self._proxy(url)
         except Refused as refusal:
             self._reply(refusal.status, str(refusal))
 
@@ -279,7 +279,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             if url.path.startswith("/labkit/proxy/"):
-                self._proxy(url, "DELETE")
+                self._proxy(url)
                 return
             parts = url.path.split("/")
             if len(parts) != 4 or parts[:3] != ["", "labkit", "faults"]:
@@ -313,7 +313,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    def _proxy(self, url: urllib.parse.SplitResult, method: str = "GET") -> None:
+    def _proxy(self, url: urllib.parse.SplitResult) -> None:
+        """The request as it came (its method, and its body but for a GET), made to the pod's port."""
+        method = self.command
         parts = url.path.split("/", 6)  # "", "labkit", "proxy", namespace, pod, port, path
         if len(parts) < 6 or not parts[5].isdigit():
             raise Refused(404, "404 page not found\n")
