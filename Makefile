@@ -5,12 +5,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup system binaries lab test test-rootless book sandbox-up sandbox-down bench clean
+BROWSER := tests/browser
 
-## setup: virtual environment with labkit (editable) and dev tools, plus the sandbox binaries. labkit's
-## bytecode is compiled here, as pip does for an ordinary install: every lab kernel imports labkit, and
-## where PYTHONDONTWRITEBYTECODE is set (many images set it) each would compile it again.
-setup: $(VENV)/.installed binaries system
+.PHONY: setup system binaries browser lab test test-rootless book sandbox-up sandbox-down bench clean
+
+## setup: virtual environment with labkit (editable) and dev tools, plus the sandbox binaries and the
+## browser tests' Playwright. labkit's bytecode is compiled here, as pip does for an ordinary install:
+## every lab kernel imports labkit, and where PYTHONDONTWRITEBYTECODE is set (many images set it) each
+## would compile it again.
+setup: $(VENV)/.installed binaries system browser
 	$(BIN)/python -m compileall -q labkit
 
 $(VENV)/.installed: pyproject.toml
@@ -20,15 +23,27 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,lab,book]'
 	touch $@
 
-## system: the Debian packages the sandbox's pod network needs (iproute2, nftables, util-linux), where missing
+## system: the Debian packages the sandbox's pod network needs (iproute2, nftables, util-linux), and the
+## browser tests' headless Chromium and Node.js (20 or newer), where missing
 SYSTEM_TOOLS := ip:iproute2 nft:nftables unshare:util-linux setpriv:util-linux
+BROWSER_TOOLS := chromium:chromium node:nodejs npm:npm
 system:
-	@missing=""; for entry in $(SYSTEM_TOOLS); do \
+	@missing=""; for entry in $(SYSTEM_TOOLS) $(BROWSER_TOOLS); do \
 	  PATH="$$PATH:/usr/sbin:/sbin" command -v $${entry%%:*} >/dev/null || missing="$$missing $${entry#*:}"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	else echo "The sandbox's pod network needs$$missing (sudo apt-get install$$missing); until then pods share this machine's network."; fi
+	else echo "labkit needs the Debian packages$$missing (sudo apt-get install$$missing): until then, without" \
+	  "iproute2, nftables or util-linux pods share this machine's network, and without chromium or nodejs the browser tests fail."; fi
+
+## browser: Playwright for the browser tests (tests/browser), from its lock file, again when that changes
+browser: $(BROWSER)/node_modules/.installed
+
+$(BROWSER)/node_modules/.installed: $(BROWSER)/package.json $(BROWSER)/package-lock.json | system
+	@if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' 2>/dev/null; then \
+	  echo "The browser tests need Node.js 20 or newer (here: $$(node --version 2>/dev/null || echo none)); until then they fail."; \
+	  exit 0; fi; \
+	cd $(BROWSER) && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed
 
 ## binaries: the pinned control plane (found, built from pinned Go modules, or downloaded)
 binaries: $(VENV)/.installed
