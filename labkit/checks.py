@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from labkit import readiness
+from labkit import display, readiness
 from labkit.errors import LabkitError
 from labkit.sandbox.node import quantity
 
@@ -28,6 +28,10 @@ class CheckFailed(AssertionError):
         self.hint = hint
         super().__init__(f"{problem}\nHint: {hint}" if hint else problem)
 
+    def _render_traceback_(self) -> list[str]:
+        """In a notebook: what is wrong and the hint, without the traceback of the check's own code."""
+        return display.error_lines(self.problem, f"Hint: {self.hint}" if self.hint else None)
+
 
 def passed(message: str) -> None:
     print(f"✔ {message}", flush=True)
@@ -39,6 +43,33 @@ def _fail(problem: str, hint: str | None = None) -> None:
 
 # -- answers ------------------------------------------------------------------------------------
 
+_graded: dict[str, Any] | None = None  # when graded: the trainee's answers, as values read from their kernel
+
+
+def grading_answers(values: dict[str, Any] | None) -> None:
+    """The grader's: answers are read from ``values`` (None: from the notebook's variables again)."""
+    global _graded
+    _graded = values
+
+
+def given(name: str) -> Any:
+    """The trainee's answer ``name``: the notebook's variable of that name (when graded, its value as the
+    grader read it from the trainee's kernel). Fails, saying what to do, when there is no answer yet or it is
+    not a plain value."""
+    return _given(name, sys._getframe(1).f_globals)
+
+
+def _given(name: str, scope: dict) -> Any:
+    from labkit.course.answers import MISSING, NotPlain
+
+    value = (_graded if _graded is not None else scope).get(name, MISSING)
+    if value is MISSING or value is Ellipsis:
+        _fail(f"`{name}` has no answer yet.", f"Set `{name} = ...` in the answer cell above this check, and run it.")
+    if isinstance(value, NotPlain):
+        _fail(f"`{name}` is a {value.type} object, not a value.",
+              f"Give `{name}` a plain value: a number, a string, a list or a dict of those.")  # fmt: skip
+    return value
+
 
 def answer(name: str, expected: Any, *, also: tuple = (), hint: str | None = None,
            normalise: Callable[[Any], Any] | None = None, feedback: str | None = None) -> None:  # fmt: skip
@@ -46,14 +77,12 @@ def answer(name: str, expected: Any, *, also: tuple = (), hint: str | None = Non
 
     Strings compare without case and surrounding spaces unless ``normalise`` says otherwise;
     ``feedback`` is said when it is right (the why behind the answer)."""
-    scope = sys._getframe(1).f_globals  # the notebook's namespace (inspect.stack would read every frame's source)
-    if name not in scope or scope[name] is Ellipsis:
-        _fail(f"`{name}` has no answer yet.", f"Set `{name} = ...` in the answer cell above this check, and run it.")
-    given = scope[name]
+    # the notebook's namespace (inspect.stack would read every frame's source)
+    value = _given(name, sys._getframe(1).f_globals)
     norm = normalise or _default_normalise
-    if norm(given) not in [norm(value) for value in (expected, *also)]:
-        _fail(f"`{name}` is {given!r}, which is not right.", hint)
-    passed(f"{name} = {given!r}" + (f": {feedback}" if feedback else ""))
+    if norm(value) not in [norm(v) for v in (expected, *also)]:
+        _fail(f"`{name}` is {value!r}, which is not right.", hint)
+    passed(f"{name} = {value!r}" + (f": {feedback}" if feedback else ""))
 
 
 def _default_normalise(value: Any) -> Any:

@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -171,6 +170,12 @@ def _score_table(results: list) -> None:
     print(f"{'TRAINEE':<{width}}  {'SCORE':>9}  NOT PASSED")
     for r in results:
         print(f"{r.student:<{width}}  {f'{r.score:g}/{r.max_score:g}':>9}  {', '.join(r.failed) or '-'}")
+    flagged = [r for r in results if r.flags]
+    if flagged:
+        print("\nFLAGGED for a look (their tasks need manual grading in the gradebook):")
+        for r in flagged:
+            for flag in r.flags:
+                print(f"  {r.student}: {flag}")
 
 
 def cmd_course_release(args: argparse.Namespace) -> int:
@@ -185,7 +190,7 @@ def cmd_course_collect(args: argparse.Namespace) -> int:
 
 def cmd_course_autograde(args: argparse.Namespace) -> int:
     results = _course(args).autograde(args.lab, [Path(p) for p in args.submissions] or None, cluster=args.cluster,
-                                      parallel=args.parallel, say=_say)  # fmt: skip
+                                      parallel=args.parallel, keep=args.keep_sandbox, say=_say)  # fmt: skip
     _score_table(results)
     return 0
 
@@ -208,48 +213,17 @@ def cmd_course_trainees(args: argparse.Namespace) -> int:
 
 
 def cmd_course_recoveries(args: argparse.Namespace) -> int:
+    from labkit.course import reports
+
     records = _course(args).recoveries(args.lab, graded=args.graded)
     if not records:
         print("No measurements: the lab records them with lab.measure, in labkit-results.json beside each notebook.")
         return 0
     if args.lab:
-        _recovery_table("FAULT", _grouped(records, "fault"))
-        return 0
-    # The cohort across the course: how fast it detects and recovers, lab after lab, and each trainee's trend.
-    by_lab = _grouped(records, "lab")
-    _recovery_table("LAB", by_lab)
-    students = sorted({r["student"] for r in records})
-    print("\nTime to recover per trainee (median over the lab's faults; 'never' if one was not recovered)")
-    print(f"{'TRAINEE':<20}" + "".join(f"{lab[:14]:>16}" for lab in by_lab))
-    for student in students:
-        cells = []
-        for group in by_lab.values():
-            own = [r for r in group if r["student"] == student]
-            cells.append("-" if not own else "never" if any(r.get("ttr") is None for r in own)
-                         else _median([r["ttr"] for r in own]))  # fmt: skip
-        print(f"{student[:19]:<20}" + "".join(f"{cell:>16}" for cell in cells))
+        reports.recovery_table("FAULT", reports.grouped(records, "fault"))
+    else:
+        reports.cohort(records)
     return 0
-
-
-def _grouped(records: list[dict], key: str) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = {}
-    for record in records:
-        groups.setdefault(record[key], []).append(record)
-    return groups
-
-
-def _median(values: list) -> str:
-    known = sorted(v for v in values if v is not None)
-    return f"{statistics.median(known):.1f} s" if known else "-"
-
-
-def _recovery_table(title: str, groups: dict[str, list[dict]]) -> None:
-    print(f"{title:<32}{'RUNS':>5}  {'DETECTED (median)':>18}  {'ACTED (median)':>15}  {'RECOVERED (median)':>19}  NEVER RECOVERED")
-    for name, group in groups.items():
-        acted = [r["acted"] - r["started"] if r.get("acted") else None for r in group]
-        never = sorted({r["student"] for r in group if r.get("ttr") is None})
-        print(f"{name[:31]:<32}{len(group):>5}  {_median([r.get('ttd') for r in group]):>18}  {_median(acted):>15}  "
-              f"{_median([r.get('ttr') for r in group]):>19}  {', '.join(never) or '-'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = step("autograde", "grade submissions by running them again against a fresh cluster", cmd_course_autograde)
     p.add_argument("submissions", nargs="*", help="notebooks, or folders named after trainees (default: all collected)")
     p.add_argument("--cluster", choices=("sandbox", "kubeconfig"), default="sandbox",
-                   help="a fresh local sandbox named 'grading' (default), or the cluster $KUBECONFIG points at")
+                   help="a fresh local sandbox of this run's own, removed when it ends (default), or the cluster "
+                        "$KUBECONFIG points at")
+    p.add_argument("--keep-sandbox", action="store_true", help="leave the grading sandbox running for a look")
     p.add_argument("--parallel", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
                    help="grade N submissions at a time (default: %(default)s, this machine's CPUs up to 4)")
     step("feedback", "write each trainee's graded notebook as HTML feedback", cmd_course_feedback, exchange=True)

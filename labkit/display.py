@@ -3,19 +3,24 @@
 * ``StatusLine``: one line that updates in place while something is awaited
   (a rollout, pods becoming ready), then stays as the outcome;
 * ``table``: rows as an HTML table in a notebook, aligned text elsewhere;
-* ``install_error_display``: a ``LabkitError`` (an expected problem: a bad
-  manifest, a deleted namespace) shows as its message and hint, without the
-  traceback, as the command line shows it. The cell still counts as failed.
+* ``error_lines``: how an expected problem (a ``LabkitError``: a bad manifest, a
+  deleted namespace; a failed check) shows in a notebook: its message and hint as
+  the cell's error output, without the traceback, as the command line shows it.
+  The exceptions render themselves through IPython's ``_render_traceback_``, so the
+  page shows them (and nbgrader's feedback, and papermill), the cell counts as
+  failed and "run all" stops there; any other exception keeps its traceback.
+
+Its glyphs (✔ ✘ ◌ — ·) are ones the DejaVu fonts of a Debian image have.
 """
 
 from __future__ import annotations
 
 import html
+import re
 import sys
 import time
 from typing import Any, Sequence
 
-from labkit.errors import LabkitError
 
 
 def ipython() -> Any:
@@ -51,8 +56,11 @@ class StatusLine:
 
     def _markup(self, text: str, state: str) -> str:
         colour = {"wait": "#555", "ok": "#1a7f37", "fail": "#cf222e"}[state]
-        mark = {"wait": "⏳", "ok": "✔", "fail": "✘"}[state]
-        return f'<pre style="margin:0;color:{colour}">{mark} {html.escape(text)}</pre>'
+        mark = {"wait": "◌", "ok": "✔", "fail": "✘"}[state]
+        # pre-wrap keeps long lines in the cell's width, breaking only at spaces: the texts bind each number to
+        # its unit with a no-break space (``nbsp``), so "12 s" never splits across two lines.
+        return (f'<pre style="margin:0;color:{colour};white-space:pre-wrap;word-break:normal;overflow-wrap:normal">'
+                f'{mark} {html.escape(nbsp(text))}</pre>')
 
     def update(self, text: str, state: str = "wait", force: bool = False) -> None:
         now = time.monotonic()
@@ -86,14 +94,19 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
     show_html(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>", text)
 
 
-def install_error_display() -> None:
-    """Show LabkitErrors in this IPython session as their message, not a traceback (once per session)."""
-    shell = ipython()
-    if shell is None or getattr(shell, "_labkit_errors_shown", False):
-        return
+def nbsp(text: str) -> str:
+    """``text`` with each number bound to the word after it ("12 s", "3 replicas") by a no-break space."""
+    return _NUMBER_UNIT.sub("\\1\u00a0", text)
 
-    def show(shell: Any, kind: type, error: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
-        return [f"\033[31m{kind.__name__}: {error}\033[0m"]  # what the error output shows, instead of the traceback
 
-    shell.set_custom_exc((LabkitError,), show)
-    shell._labkit_errors_shown = True
+_NUMBER_UNIT = re.compile(r"(\d) (?=[A-Za-z%])")
+
+
+def error_lines(problem: str, hint: str | None = None, *, title: str = "") -> list[str]:
+    """What an expected problem shows as a cell's error output: a red first line, then the rest and the hint."""
+    first, _, rest = problem.strip().partition("\n")
+    lines = [f"\033[1;31m✘ {title}{first}\033[0m"]
+    lines += [line for line in rest.splitlines()]
+    if hint:
+        lines += ["", f"\033[34m{hint.strip()}\033[0m"]
+    return lines

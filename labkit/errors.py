@@ -3,8 +3,9 @@
 Anything a user can cause (a missing binary, a port in use, a corrupt state
 directory, a manifest the API server rejects) is raised as a ``LabkitError``
 whose message says what happened and what to do. The command line prints the
-message and exits non-zero without a traceback; notebooks show it the same way.
-Everything else is a bug and keeps its traceback.
+message and exits non-zero without a traceback; a notebook shows it as the cell's
+error output, message and hint only (IPython asks an exception for that with
+``_render_traceback_``). Everything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -22,3 +23,9 @@ class LabkitError(Exception):
         if self.hint:
             return f"{self.message}\n\n{self.hint}"
         return self.message
+
+    def _render_traceback_(self) -> list[str]:
+        """The cell's error output in IPython: the message and the hint, no traceback."""
+        from labkit.display import error_lines
+
+        return error_lines(self.message, self.hint)

@@ -17,7 +17,7 @@ def relist_at(phase: float) -> Relist:
 
 def prober(taken: float, phase: float, **probes: dict) -> Prober:
     container = {"name": "web", **{f"{kind}Probe": spec for kind, spec in probes.items()}}
-    return Prober(container, None, None, {}, "/", lambda *_: None, relist_at(phase), taken)
+    return Prober(container, None, None, {}, "/", lambda *_: None, relist_at(phase), taken, "127.0.0.1")
 
 
 @pytest.mark.parametrize("after, expected", [(100.0, 100.3), (100.3, 100.3), (100.31, 101.3), (99.9, 100.3)])

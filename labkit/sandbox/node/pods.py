@@ -400,6 +400,11 @@ class PodWorker(threading.Thread):
         """The pause process, whose network namespace is the pod's (None without namespaces)."""
         return self.pause.pid if self.pause else None
 
+    def probe_host(self) -> str:
+        """Where probes and hooks connect unless they name a host: the pod's IP, as the kubelet does (so an app
+        that listens on loopback only fails its probes, as on a real node), or loopback without a pod network."""
+        return self.ip or "127.0.0.1"
+
     def _hidden(self) -> list[str]:
         """What a container must not see: every sandbox's state folder (keys, other pods), and the
         runtime folder that holds the pods' volumes when it lies elsewhere (state/pods is a link)."""
@@ -468,7 +473,7 @@ class PodWorker(threading.Thread):
         if "exec" in hook:
             outcome = probes.exec_action(hook["exec"], c.env, c.cwd, timeout, pid)
         elif "httpGet" in hook:
-            outcome = probes.http_get(hook["httpGet"], c.spec, "127.0.0.1", timeout, self.network_pid())
+            outcome = probes.http_get(hook["httpGet"], c.spec, self.probe_host(), timeout, self.network_pid())
         else:
             return f"unsupported hook {sorted(hook)}"
         return None if outcome.ok else outcome.message
@@ -539,7 +544,7 @@ class PodWorker(threading.Thread):
         if not c.init and probes.Prober.wanted(c.spec):
             c.prober = probes.Prober(c.spec, c.process.pid if self.isolated else None, self.network_pid(), env, c.cwd,
                                      lambda reason, message, kind: self.event(reason, message, kind, container=c),
-                                     self.source.relist, self.taken)
+                                     self.source.relist, self.taken, self.probe_host())
             c.prober.start()
         hook = c.spec.get("lifecycle", {}).get("postStart")
         if hook:

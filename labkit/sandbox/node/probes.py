@@ -183,14 +183,16 @@ class Prober(threading.Thread):
     """Probes one running container; the pod worker reads ``ready``/``started`` and ``restart_reason``."""
 
     def __init__(self, container: dict, pid: int | None, pod_pid: int | None, env: dict[str, str], cwd: str,
-                 event: Callable[[str, str, str], None], relist: Relist, taken: float) -> None:  # fmt: skip
+                 event: Callable[[str, str, str], None], relist: Relist, taken: float, host: str) -> None:  # fmt: skip
         """``pid``: the container's process, for exec probes (None: containers have no namespaces here);
-        ``pod_pid``: the pod's pause process, whose network namespace the network probes use; ``relist``: the
+        ``pod_pid``: the pod's pause process, whose network namespace the network probes use; ``host``: the
+        address network probes go to unless they name one (the pod's IP, as the kubelet's); ``relist``: the
         node's relist clock; ``taken``: when the node took the pod (``time.monotonic()``), which the probes'
         ticks count from."""
         super().__init__(name=f"probe-{container['name']}-{pid}", daemon=True)
         self.container = container
         self.netns = pod_pid
+        self.host = host
         self.join_pid = pid
         self.env = env
         self.cwd = cwd
@@ -212,9 +214,9 @@ class Prober(threading.Thread):
     def probe(self, schedule: _Schedule) -> Outcome:
         spec = schedule.spec
         if "httpGet" in spec:
-            return http_get(spec["httpGet"], self.container, "127.0.0.1", schedule.timeout, self.netns)
+            return http_get(spec["httpGet"], self.container, self.host, schedule.timeout, self.netns)
         if "tcpSocket" in spec:
-            return tcp_socket(spec["tcpSocket"], self.container, "127.0.0.1", schedule.timeout, self.netns)
+            return tcp_socket(spec["tcpSocket"], self.container, self.host, schedule.timeout, self.netns)
         if "exec" in spec:
             return exec_action(spec["exec"], self.env, self.cwd, schedule.timeout, self.join_pid)
         return Outcome(False, "the sandbox supports httpGet, tcpSocket and exec probes")
