@@ -9,11 +9,10 @@ BROWSER := tests/browser
 
 .PHONY: setup system binaries browser lab test test-rootless book sandbox-up sandbox-down bench clean
 
-## setup: virtual environment with labkit (editable) and dev tools, plus the sandbox binaries and the
-## browser tests' Playwright. labkit's bytecode is compiled here, as pip does for an ordinary install:
-## every lab kernel imports labkit, and where PYTHONDONTWRITEBYTECODE is set (many images set it) each
-## would compile it again.
-setup: $(VENV)/.installed binaries system browser
+## setup: virtual environment with labkit (editable) and dev tools, plus the sandbox binaries. labkit's
+## bytecode is compiled here, as pip does for an ordinary install: every lab kernel imports labkit, and
+## where PYTHONDONTWRITEBYTECODE is set (many images set it) each would compile it again.
+setup: $(VENV)/.installed binaries system
 	$(BIN)/python -m compileall -q labkit
 
 $(VENV)/.installed: pyproject.toml
@@ -23,23 +22,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,lab,book]'
 	touch $@
 
-## system: the Debian packages the sandbox's pod network needs (iproute2, nftables, util-linux), and the
-## browser tests' headless Chromium and Node.js (20 or newer), where missing
+## system: the Debian packages the sandbox's pod network needs (iproute2, nftables, util-linux), where missing
 SYSTEM_TOOLS := ip:iproute2 nft:nftables unshare:util-linux setpriv:util-linux
-BROWSER_TOOLS := chromium:chromium node:nodejs npm:npm
 system:
-	@missing=""; for entry in $(SYSTEM_TOOLS) $(BROWSER_TOOLS); do \
-	  PATH="$$PATH:/usr/sbin:/sbin" command -v $${entry%%:*} >/dev/null || missing="$$missing $${entry#*:}"; done; \
-	if [ -z "$$missing" ]; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	else echo "labkit needs the Debian packages$$missing (sudo apt-get install$$missing): until then, without" \
-	  "iproute2, nftables or util-linux pods share this machine's network, and without chromium or nodejs the browser tests fail."; fi
+	@bash tests/apt-missing.sh "The sandbox's pod network needs" "until then pods share this machine's network" $(SYSTEM_TOOLS)
 
-## browser: Playwright for the browser tests (tests/browser), from its lock file, again when that changes
+## browser: what the browser tests need (tests/browser): headless Chromium and Node.js 20+ from Debian, where
+## missing, and Playwright from the lock file (again when that changes)
+BROWSER_TOOLS := chromium:chromium node:nodejs npm:npm
 browser: $(BROWSER)/node_modules/.installed
 
-$(BROWSER)/node_modules/.installed: $(BROWSER)/package.json $(BROWSER)/package-lock.json | system
+$(BROWSER)/node_modules/.installed: $(BROWSER)/package.json $(BROWSER)/package-lock.json
+	@bash tests/apt-missing.sh "The browser tests need" "until then they fail" $(BROWSER_TOOLS)
 	@if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' 2>/dev/null; then \
 	  echo "The browser tests need Node.js 20 or newer (here: $$(node --version 2>/dev/null || echo none)); until then they fail."; \
 	  exit 0; fi; \
@@ -56,7 +50,7 @@ lab: setup
 	  $(BIN)/jupyter lab --notebook-dir=. $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 ## test: the whole suite against real binaries; as root, the pod network's tests again as an ordinary user
-test: setup
+test: setup browser
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 	@if [ "$$(id -u)" = 0 ] && [ -z "$(PYTEST_ARGS)" ]; then bash tests/rootless.sh; fi
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import copy
 import datetime as dt
+import difflib
 import json as _json  # `json` is also lab.http's argument, as in requests
 import os
 import re
@@ -374,7 +375,7 @@ class Lab:
                 if obj is None:  # as kubectl rollout status and kubectl wait: nothing to wait for
                     line.finish(f"{target}: not found", ok=False)
                     raise LabkitError(f"There is no {target} in the lab's namespace {self.namespace}.",
-                                      hint="Apply it first (a cell above may have failed: look for its error).")
+                                      hint=self._missing_hint(kind, name))
                 state = readiness.progress(kind.kind, obj)
                 summary = state.summary
                 if state.done:
@@ -400,6 +401,17 @@ class Lab:
                 "nothing was undone.",
                 hint=f"Run `lab.wait_ready({target!r})` to wait again, or `lab.kubectl('get pods')` to look.",
             ) from None
+
+    def _missing_hint(self, kind: manifests.Kind, name: str) -> str:
+        """What to do about an object that is not there: the name it may have been meant to be, else apply it."""
+        try:
+            names = [o["metadata"]["name"] for o in self.request("GET", kind.path(self.namespace)).get("items", [])]
+        except LabkitError:
+            names = []
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        if close:
+            return f"Did you mean {kind.kind.lower()}/{close[0]}? (`lab.kubectl('get {kind.plural}')` lists them.)"
+        return "Apply it first (a cell above may have failed: look for its error)."
 
     def _diagnose(self, target: str) -> str:
         """Why ``target``'s pods are not ready, and the warnings about them: what a trainee should read next."""
