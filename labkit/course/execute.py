@@ -236,6 +236,9 @@ class GradingExecute(Execute):
         finally:
             self.timeout = saved
             self.nb.cells[index] = notebook_cell
+        if _errors(cell.outputs):  # the trainee's kernel may be in any state: worth a line in the log, no more
+            self.log.warning("The grader's request to the notebook's kernel at cell %s failed: %s", index + 1,
+                             " ".join(o.get("evalue", "") for o in cell.outputs if o.get("output_type") == "error"))
         return _text(cell.outputs)
 
     def _hand_over(self, source: str, index: int) -> None:
@@ -243,8 +246,7 @@ class GradingExecute(Execute):
         names = transfer.assigned(source)
         packed = self.grader.value(f"__import__('labkit.course.transfer').course.transfer.pack(globals(), {names!r})")
         if packed:
-            self._hidden(f"__import__('labkit.course.transfer').course.transfer.unpack({json.dumps(packed)!r}, globals())",
-                         index)  # fmt: skip
+            self._hidden(f"__import__('labkit.course.transfer').course.transfer.unpack({packed!r}, globals())", index)
 
     def _grade(self, cell: nbformat.NotebookNode, role: Role, resources: Any, index: int) -> None:
         grade_id = cell.metadata["nbgrader"]["grade_id"]

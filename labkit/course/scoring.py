@@ -70,16 +70,24 @@ class Score:
 
 
 def is_check(statement: ast.stmt) -> bool:
-    """An ``assert``, a call that is not ``print``/``display``/``checks.passed``, or a block holding either."""
+    """A top-level ``assert`` or call (not ``print``, ``display`` or ``checks.passed``: a check function, such as
+    ``checks.deployment(...)`` or one the cell defines); or a block (``if``, ``for``, ``try``...) holding an
+    ``assert`` or a call of ``checks``. A block of other calls (``try: put(...)``) prepares, it does not check."""
     if isinstance(statement, ast.Assert):
         return True
     if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Call):
-        func = statement.value.func
-        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
-        return name not in QUIET_CALLS
+        return _called(statement.value) not in QUIET_CALLS
     if isinstance(statement, (ast.If, ast.For, ast.While, ast.With, ast.Try)):
-        return any(is_check(s) for s in ast.walk(statement) if isinstance(s, ast.stmt) and s is not statement)
+        return any(isinstance(node, ast.Assert) or (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                                                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "checks"
+                                                    and node.func.attr not in QUIET_CALLS)
+                   for node in ast.walk(statement))  # fmt: skip
     return False
+
+
+def _called(call: ast.Call) -> str:
+    func = call.func
+    return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
 
 
 def grade(source: str, points: float, grade_id: str, given: str, scope: dict) -> Score:
