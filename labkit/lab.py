@@ -34,7 +34,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from labkit import display, manifests, readiness
+from labkit import display, manifests, readiness, scorecard
 from labkit.chaos import Chaos
 from labkit.cluster import APPLY_PATCH, MERGE_PATCH, APIError, Cluster, connect
 from labkit.errors import LabkitError
@@ -58,6 +58,7 @@ _labs: dict[str, Lab] = {}
 
 def start_lab(lab_id: str, *, fresh: bool = False, cluster: Cluster | None = None) -> Lab:
     """Begin (or carry on with) lab ``lab_id`` in this kernel; ``fresh=True`` starts over in a new namespace."""
+    scorecard.install()
     lab = _labs.get(lab_id)
     if lab is not None and not lab.closed and not fresh:
         if lab.namespace_alive():
@@ -244,6 +245,7 @@ class Lab:
         except LabkitError:
             pass  # already gone, or the cluster is: nothing left to clean
         if not quiet:
+            scorecard.show()
             self.say(f"Lab {self.id} closed; {'namespace ' + self.namespace if not self.shared else 'what it made'} is being deleted.")
 
     # -- requests, with the lab's own explanations ------------------------------------------

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import forgeries
 from conftest import eventually, kubectl, kubectl_json, module_cluster
 
-from labkit.course import Course
+from labkit.course import GRADING_SANDBOX, Course
 from labkit.paths import cache_root
 from labkit.sandbox.controlplane import Sandbox
+from labkit.sandbox.state import all_sandboxes
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPOSITORY / "notebooks"
@@ -169,39 +171,98 @@ def _blank_and_complete(course: Course, folder: Path, lab: str) -> list[Path]:
     return [_submission(course, folder, lab, "blank", {}), _submission(course, folder, lab, "complete", _solutions(lab))]
 
 
-def test_autograding_scores_what_each_submission_did(course: Course, cluster: Sandbox, tmp_path: Path) -> None:
+PARTIAL_TASK2 = """
+lab.apply('''
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - {name: web, image: labkit/web:1.0, ports: [{containerPort: 8080}]}
+''')
+lab.wait_ready("deployment/web")
+"""
+
+
+def test_autograding_scores_only_what_each_submission_did(course: Course, tmp_path: Path) -> None:
     lab = "01-deploy-and-scale"
     notebook, full = LABS[lab]
     course.release(lab, say=lambda _: None)
     solutions = _solutions(lab)
     task1 = solutions["task1-answer"]
-    submissions = [
-        _submission(course, tmp_path, lab, "blank", {}),
-        _submission(course, tmp_path, lab, "complete", solutions),
-        _submission(course, tmp_path, lab, "first-task", {"task1-answer": task1}),
+    honest = {
+        "blank": {}, "complete": solutions, "first-task": {"task1-answer": task1},
         # Task 1 done, then a cell that raises: the rest of the notebook is still run and graded.
-        _submission(course, tmp_path, lab, "raises", {"task1-answer": task1,
-                                                       "task2-answer": "lab.apply('kind: [not, a, manifest')"}),
-    ]
+        "raises": {"task1-answer": task1, "task2-answer": "lab.apply('kind: [not, a, manifest')"},
+        # Task 2 half done: the Deployment, without its probe, configuration or requests.
+        "partial": {"task1-answer": task1, "task2-answer": PARTIAL_TASK2},
+    }  # fmt: skip
+    submissions = [_submission(course, tmp_path, lab, student, answers)
+                   for student, answers in {**honest, **forgeries.LAB01}.items()]  # fmt: skip
     log: list[str] = []
     results = {r.student: r for r in course.autograde(lab, submissions, parallel=2, say=log.append)}
-    assert {s: (r.score, r.max_score) for s, r in results.items()} == {
-        "blank": (0, full), "complete": (full, full), "first-task": (3, full), "raises": (3, full),
-    }, "\n".join(log)
+    scores = {s: r.score for s, r in results.items()}
+    assert {s: scores[s] for s in honest} == {"blank": 0, "complete": full, "first-task": 3, "raises": 3,
+                                             "partial": 3 + 0.8}, "\n".join(log)  # fmt: skip
+    # A forgery earns nothing, and the instructor hears of it (except a silenced error, which fails the check
+    # in the trainee's kernel too, and so tells nothing).
+    assert {s: scores[s] for s in forgeries.LAB01} == dict.fromkeys(forgeries.LAB01, 0), "\n".join(log)
+    flagged = {s for s, r in results.items() if r.flags}
+    assert flagged == set(forgeries.LAB01) - {"silenced-errors"}, {s: r.flags for s, r in results.items()}
+    assert any("passed in the notebook's own kernel but not when the grader checked" in f
+               for f in results["replaced-checks"].flags)  # fmt: skip
+    assert any("kernel exited during task1-answer" in f for f in results["exits-kernel"].flags)
+    assert any("wrote 1 measurement(s) of its own" in f for f in results["fake-results"].flags)
     assert results["raises"].failed == ["task2-check", "task3-check", "task4-check", "task5-check"]
-    assert "grading 4 submissions of 01-deploy-and-scale, 2 at a time..." in log
-    assert sorted(line.split("]")[0] for line in log if line.startswith("[")) == [f"[{n}/4" for n in range(1, 5)]
-    # Graded against a fresh sandbox of its own, which it leaves running for a look; the trainees'
-    # namespaces are gone.
-    grading = Sandbox("grading")
-    assert grading.state.supervisor_pid()
-    leftover = kubectl_json(grading, "get", "namespaces", "-l", f"labkit.io/lab={lab}")["items"]
-    assert all(ns["metadata"].get("deletionTimestamp") for ns in leftover)
-    grading.down(purge=True, say=lambda _: None)
-    # The graded copy says what failed, in words a trainee can act on.
+    assert "grading 11 submissions of 01-deploy-and-scale, 2 at a time..." in log
+    assert sorted(line.split("]")[0] for line in log if line.startswith("[")) == sorted(f"[{n}/11" for n in range(1, 12))
+    assert any(line.startswith("[") and "replaced-checks: 0/13" in line and "FLAGGED" in line for line in log)
+    # The run's own grading sandbox is gone with it.
+    assert not [s.name for s in all_sandboxes() if s.name.startswith(GRADING_SANDBOX)]
+    # The graded copy says what failed, in words a trainee can act on: the bad YAML; every missed check of task 2,
+    # each with its hint, and the points it earned.
     graded = nbformat.read(course.root / "autograded" / "raises" / lab / notebook, as_version=4)
-    outputs = json.dumps([c.get("outputs", []) for c in graded.cells])
-    assert "is not valid YAML" in outputs
+    assert "is not valid YAML" in json.dumps([c.get("outputs", []) for c in graded.cells])
+    partial = nbformat.read(course.root / "autograded" / "partial" / lab / notebook, as_version=4)
+    check = next(c for c in partial.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "task2-check")
+    shown = "".join(o.get("text", "") for o in check.outputs if o.output_type == "stream")
+    assert shown.count("✘") == 4 and shown.count("Hint:") >= 3 and "has no readiness probe" in shown, shown
+    assert "0.8 of 4 points: 1 of 5 checks passed" in shown
+    # In the gradebook, a forged submission's flagged task waits for the instructor's look.
+    from nbgrader.api import Gradebook
+
+    with Gradebook(course.api.coursedir.db_url) as book:
+        grade = book.find_grade("task1-check", "deploy-and-scale", lab, "replaced-checks")
+        assert grade.needs_manual_grade and grade.auto_score == 0
+        assert not book.find_grade("task1-check", "deploy-and-scale", lab, "complete").needs_manual_grade
+
+
+def test_two_grading_runs_at_once_keep_to_their_own_sandboxes(tmp_path: Path) -> None:
+    # Two instructors (two course roots) grade at the same moment on one machine, each on a fresh sandbox.
+    runs = []
+    for instructor in ("ines", "omar"):
+        root = tmp_path / instructor
+        root.mkdir()
+        shutil.copy(REPOSITORY / "graders" / "nbgrader_config.py", root)
+        complete = root / "complete"
+        complete.mkdir()
+        shutil.copy(NOTEBOOKS / "01-deploy-and-scale" / LABS["01-deploy-and-scale"][0], complete)
+        env = {**os.environ, "LABKIT_COURSE_ROOT": str(root)}
+        runs.append(subprocess.Popen([sys.executable, "-m", "labkit", "course", "autograde", "01", str(complete)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))  # fmt: skip
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (out, err) in zip(runs, outputs):
+        assert run.returncode == 0, err[-3000:]
+        assert "complete: 13/13" in out, out  # the source notebook, solutions and all
+    names = [line.split("(")[1].split(")")[0] for out, _ in outputs for line in out.splitlines()
+             if line.startswith("starting a fresh grading sandbox")]  # fmt: skip
+    assert len(set(names)) == 2, names
+    assert not [s.name for s in all_sandboxes() if s.name.startswith(GRADING_SANDBOX)]
 
 
 @pytest.mark.slow

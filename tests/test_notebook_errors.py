@@ -54,8 +54,11 @@ CELLS = [
     'checks.deployment(lab, "broken", replicas=1, wait=2)',
     # 7: a bug in the trainee's own code
     'settings = {}\nsettings["replicas"] + 1',
+    # 8: a check that passes
+    'answer = 42\nchecks.answer("answer", 42)',
     'print("still running")\nlab.close()',
 ]
+GRADED = {6: ("broken-check", 2), 8: ("answer-check", 1)}  # cells that are graded tasks, and their points
 
 # What each cell must show (all of it), and for the expected problems: no traceback.
 EXPECTED = {
@@ -70,7 +73,13 @@ TRACEBACK_SIGNS = ("Traceback", "File \"", "----> ", "site-packages")
 
 
 def _notebook(folder: Path) -> Path:
-    return write_notebook(folder / "mistakes.ipynb", CELLS)
+    path = write_notebook(folder / "mistakes.ipynb", CELLS)
+    notebook = nbformat.read(path, as_version=4)
+    for index, (grade_id, points) in GRADED.items():
+        notebook.cells[index].metadata["nbgrader"] = {"grade": True, "grade_id": grade_id, "points": points,
+                                                      "locked": True, "solution": False, "schema_version": 3}
+    nbformat.write(notebook, path)
+    return path
 
 
 def _lab_env(cluster: Sandbox) -> dict[str, str]:
@@ -98,7 +107,7 @@ def test_a_kernel_shows_each_mistake_as_its_message_and_a_bug_with_its_traceback
     # A failed wait keeps, on its last status line too, the reason the pods gave.
     status = " ".join(o.get("data", {}).get("text/html", "") for o in cells[4].outputs if o.output_type == "display_data")
     assert "✘" in status and "ErrImagePull" in status and "12\u00a0s" in status, status
-    assert "still running" in "".join(o.get("text", "") for o in cells[8].outputs)
+    assert "still running" in "".join(o.get("text", "") for o in cells[9].outputs)
 
 
 def test_jupyterlab_shows_each_mistake_on_the_page(cluster: Sandbox, tmp_path: Path) -> None:
@@ -112,5 +121,9 @@ def test_jupyterlab_shows_each_mistake_on_the_page(cluster: Sandbox, tmp_path: P
             assert text in cell.text, f"cell {index} shows {cell.text!r} on the page, without {text!r}"
         assert not any(sign in cell.text for sign in TRACEBACK_SIGNS), f"cell {index} shows a traceback: {cell.text}"
     assert "KeyError" in page.cell(7).text and "settings[" in page.cell(7).text
-    assert "still running" in page.cell(8).text
+    closing = page.cell(9).text
+    assert "still running" in closing
+    # Closing the lab tallies the graded tasks as their visible checks went: the failed check, the passed answer.
+    assert "Your visible checks: 1 of 3 points" in closing, closing
+    assert "broken-check" in closing and "✘ failed" in closing and "answer-check" in closing and "✔ passed" in closing
     assert page.offsite == []

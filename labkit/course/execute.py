@@ -115,6 +115,7 @@ class GraderKernel:
         self.client = NotebookClient(self.notebook, timeout=timeout, kernel_name=kernel_name, allow_errors=True,
                                      resources={"metadata": {"path": str(self.home)}}, log=log)  # fmt: skip
         self.client.km = self.client.create_kernel_manager()
+        self.client.km.transport = "ipc"  # a socket file only its owner can open, not a port on loopback
         self.client.start_new_kernel(env=env)
         self.client.start_new_kernel_client()
 
@@ -157,7 +158,7 @@ class GradingExecute(Execute):
         NotebookClient.__init__(self, nb, km)
         self.reset_execution_trackers()
         self._check_assign_resources(resources)
-        base = {**os.environ, "LABKIT_NAMESPACE": namespace}
+        base = {**os.environ, "LABKIT_NAMESPACE": namespace, "LABKIT_GRADING": "1"}
         kernel = self.kernel_name or self.nb.metadata.get("kernelspec", {}).get("name") or "python3"
         self.grader = GraderKernel(kernel, {**base, "LABKIT_GRADER": "1"}, self.timeout, self.log)
         runs: dict = {}
@@ -175,6 +176,12 @@ class GradingExecute(Execute):
         self._write_results(runs)
         self.resources["labkit"] = {"flags": [f.as_dict() for f in self.flags]}
         return self.nb, self.resources
+
+    def create_kernel_manager(self) -> Any:
+        """The trainee's kernel talks over socket files only its owner can open, not ports on loopback."""
+        manager = super().create_kernel_manager()
+        manager.transport = "ipc"
+        return manager
 
     # -- cells ------------------------------------------------------------------------------------
 
