@@ -117,6 +117,25 @@ class Cluster:
                     "(then run the lab's first cell again).")
         return "Check the cluster and your credentials with `kubectl cluster-info`."
 
+    # -- the official client ---------------------------------------------------------------------
+
+    def official_client(self) -> Any:
+        """The official ``kubernetes`` Python client's ``ApiClient``, configured as this cluster is: the same
+        service account in-cluster, the same kubeconfig (current context) elsewhere."""
+        try:
+            from kubernetes import client, config
+        except ImportError:
+            raise LabkitError("The official Kubernetes client is not installed here.",
+                              hint="`pip install kubernetes` (`make setup` installs it).") from None  # fmt: skip
+        if self.kubeconfig is None:
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)
+            return client.ApiClient(configuration)
+        try:
+            return config.new_client_from_config(config_file=str(self.kubeconfig))
+        except config.ConfigException as exc:
+            raise LabkitError(f"The official client cannot use {self.kubeconfig}: {exc}") from None
+
     # -- kubectl ---------------------------------------------------------------------------
 
     def kubectl_command(self) -> list[str]:

@@ -159,6 +159,7 @@ class Lab:
         self.recoveries: list[Recovery] = []
         self.lost_nodes: set[str] = set()
         self._chaos: Chaos | None = None
+        self._api_client: Any = None
         self.namespace = self._make_namespace()
         atexit.register(self.close, quiet=True)
         where = "its own namespace" if not self.shared else "your namespace"
@@ -458,6 +459,25 @@ class Lab:
         if check and done.returncode != 0:
             raise LabkitError(f"kubectl {' '.join(argv)} failed: {done.stderr.strip() or done.returncode}")
         return Output(done.stdout)
+
+    # -- the official client ----------------------------------------------------------------
+
+    def api_client(self) -> Any:
+        """The official ``kubernetes`` Python client, for your own automation, with the lab's credentials:
+        ``client.AppsV1Api(lab.api_client()).read_namespaced_deployment("web", lab.namespace)``. It works where
+        the lab works (its namespace is ``lab.namespace``), and what it changes counts as your action."""
+        if self._api_client is None:
+            self._api_client = self.cluster.official_client()
+            rest, record = self._api_client.rest_client, self.actions.append
+            send = rest.request
+
+            def request(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+                if method.upper() not in ("GET", "HEAD", "OPTIONS"):
+                    record(time.time())
+                return send(method, url, *args, **kwargs)
+
+            rest.request = request
+        return self._api_client
 
     # -- events -----------------------------------------------------------------------------
 

@@ -278,3 +278,22 @@ def test_a_trainee_account_works_in_its_own_namespace_with_a_token_or_a_plugin(
         names = [c["metadata"]["name"] for c in kubectl_json(cluster, "-n", "trainee-ann", "get", "configmaps")["items"]]
         assert f"notes-{way}" not in names, f"{way}: closing the lab leaves what it made"
         assert "kube-root-ca.crt" in names  # and nothing else of the namespace's goes
+
+
+def test_the_official_client_works_with_the_labs_credentials_in_its_namespace(lab: Lab) -> None:
+    from kubernetes import client
+
+    api = lab.api_client()
+    assert lab.api_client() is api
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    before = len(lab.actions)
+    apps.create_namespaced_deployment(lab.namespace, yaml.safe_load(WEB.replace("IMAGE", "1.0")))
+    assert len(lab.actions) == before + 1, "a change through the client is the trainee's action"
+    lab.wait_ready("deployment/web")
+    assert apps.read_namespaced_deployment("web", lab.namespace).status.ready_replicas == 1
+    pods = core.list_namespaced_pod(lab.namespace, label_selector="app=web").items
+    assert [p.metadata.name for p in pods] == [p["metadata"]["name"] for p in lab.pods("app=web")]
+    assert len(lab.actions) == before + 1, "reading is not an action"
+    with pytest.raises(client.ApiException) as refused:
+        core.read_namespaced_config_map("missing", lab.namespace)
+    assert refused.value.status == 404
