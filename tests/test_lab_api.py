@@ -297,3 +297,22 @@ def test_the_official_client_works_with_the_labs_credentials_in_its_namespace(la
     with pytest.raises(client.ApiException) as refused:
         core.read_namespaced_config_map("missing", lab.namespace)
     assert refused.value.status == 404
+
+
+def test_events_are_in_the_order_they_first_happened() -> None:
+    from labkit.lab import _repeats, in_time_order
+
+    def event(rv: int, reason: str, first: str | None = None, micro: str | None = None, **extra: object) -> dict:
+        return {"metadata": {"resourceVersion": str(rv)}, "reason": reason, "firstTimestamp": first,
+                "eventTime": micro, **extra}  # fmt: skip
+
+    # As a sandbox stored them: the controller manager posts its Events after the scheduler has placed the pod.
+    stored = [event(305, "ScalingReplicaSet", "2026-12-03T11:54:31Z"),
+              event(319, "Scheduled", micro="2026-12-03T11:54:31.932255Z"),
+              event(321, "SuccessfulCreate", "2026-12-03T11:54:31Z"),
+              event(325, "Pulled", "2026-12-03T11:54:31Z"),
+              event(334, "Unhealthy", "2026-12-03T11:54:32Z", lastTimestamp="2026-12-03T11:54:44Z", count=5),
+              event(330, "Started", "2026-12-03T11:54:32Z")]  # fmt: skip
+    assert [e["reason"] for e in in_time_order(stored)] == ["ScalingReplicaSet", "SuccessfulCreate", "Scheduled",
+                                                             "Pulled", "Started", "Unhealthy"]  # fmt: skip
+    assert _repeats(stored[4]) == " (x5 over 12s)" and _repeats(stored[0]) == ""

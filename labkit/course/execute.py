@@ -103,19 +103,30 @@ def _text(outputs: list) -> str:
     return "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
 
 
+def _over_socket_files(manager: Any) -> Any:
+    """A kernel manager whose kernel talks over socket files in Jupyter's private runtime folder (only their owner
+    can open them), not over ports on loopback that any local process could try."""
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    os.makedirs(jupyter_runtime_dir(), mode=0o700, exist_ok=True)
+    manager.transport = "ipc"
+    manager.ip = os.path.join(jupyter_runtime_dir(), f"labkit-kernel-{secrets.token_hex(6)}")
+    return manager
+
+
 class GraderKernel:
     """The grader's own kernel: a fresh IPython with a profile, working folder and sys.path of its own (nothing a
     submission brought can be imported there), running only the instructor's code."""
 
-    def __init__(self, kernel_name: str, env: dict[str, str], timeout: int | None, log: Any) -> None:
+    def __init__(self, kernel_name: str, env: dict[str, str], timeout: int | None, startup_timeout: int, log: Any) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="labkit-grader-"))
         (self.home / "ipython").mkdir()
         self.notebook = nbformat.v4.new_notebook()
         env = {**env, "IPYTHONDIR": str(self.home / "ipython"), "PYTHONNOUSERSITE": "1", "PYTHONSAFEPATH": "1"}
-        self.client = NotebookClient(self.notebook, timeout=timeout, kernel_name=kernel_name, allow_errors=True,
-                                     resources={"metadata": {"path": str(self.home)}}, log=log)  # fmt: skip
-        self.client.km = self.client.create_kernel_manager()
-        self.client.km.transport = "ipc"  # a socket file only its owner can open, not a port on loopback
+        self.client = NotebookClient(self.notebook, timeout=timeout, startup_timeout=startup_timeout, log=log,
+                                     kernel_name=kernel_name, allow_errors=True,
+                                     resources={"metadata": {"path": str(self.home)}})  # fmt: skip
+        self.client.km = _over_socket_files(self.client.create_kernel_manager())
         self.client.start_new_kernel(env=env)
         self.client.start_new_kernel_client()
 
@@ -160,7 +171,7 @@ class GradingExecute(Execute):
         self._check_assign_resources(resources)
         base = {**os.environ, "LABKIT_NAMESPACE": namespace, "LABKIT_GRADING": "1"}
         kernel = self.kernel_name or self.nb.metadata.get("kernelspec", {}).get("name") or "python3"
-        self.grader = GraderKernel(kernel, {**base, "LABKIT_GRADER": "1"}, self.timeout, self.log)
+        self.grader = GraderKernel(kernel, {**base, "LABKIT_GRADER": "1"}, self.timeout, self.startup_timeout, self.log)
         runs: dict = {}
         try:
             with self.setup_kernel(env=base):
@@ -178,10 +189,7 @@ class GradingExecute(Execute):
         return self.nb, self.resources
 
     def create_kernel_manager(self) -> Any:
-        """The trainee's kernel talks over socket files only its owner can open, not ports on loopback."""
-        manager = super().create_kernel_manager()
-        manager.transport = "ipc"
-        return manager
+        return _over_socket_files(super().create_kernel_manager())
 
     # -- cells ------------------------------------------------------------------------------------
 

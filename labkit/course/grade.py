@@ -139,11 +139,14 @@ def _grade_in_workers(course: Course, lab: str, students: list[str], workers: in
 
 
 def _failure(outcome: dict) -> str:
-    """nbgrader's own error for a submission it could not grade (the last line of its message), or ""."""
+    """Why nbgrader could not grade a submission ("" if it could): the last error its log names (not its closing
+    "see the above traceback")."""
     if outcome.get("success"):
         return ""
-    text = (outcome.get("error") or outcome.get("log") or "").strip()
-    return text.splitlines()[-1] if text else "failed"
+    text = "\n".join(filter(None, (outcome.get("log"), outcome.get("error"))))
+    errors = [line.strip() for line in text.splitlines()
+              if re.match(r"^\s*[A-Za-z_.]*(Error|Exception|Exit)\b.*:", line) and "NbGraderException" not in line]  # fmt: skip
+    return errors[-1] if errors else (text.strip().splitlines() or ["failed"])[-1]
 
 
 def _relay(proc: subprocess.Popen, share: list[str], log: Any, done: queue.Queue) -> None:
