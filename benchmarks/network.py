@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from labkit.cluster import from_kubeconfig  # noqa: E402
+from labkit.kube.config import from_kubeconfig  # noqa: E402
 from labkit.lab import Lab  # noqa: E402
 from labkit.sandbox import binaries  # noqa: E402
 from labkit.sandbox.controlplane import Sandbox  # noqa: E402

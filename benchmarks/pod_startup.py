@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from labkit.sandbox import binaries, procs  # noqa: E402
 from labkit.sandbox.controlplane import COMPONENTS, NODE_AGENT, Sandbox  # noqa: E402
-from labkit.sandbox.kubeapi import APIError, KubeAPI  # noqa: E402
+from labkit.kube.client import KubeAPI
+from labkit.kube.errors import APIError  # noqa: E402
 from labkit.sandbox.node import images  # noqa: E402
 
 NODES = 3

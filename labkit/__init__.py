@@ -35,7 +35,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(lab, name)
     if name == "quantity":  # "500m" -> 0.5, "64Mi" -> 67108864: resource quantities as numbers
-        from labkit.sandbox.node.quantity import parse
+        from labkit.kube.quantity import parse
 
         return parse
     raise AttributeError(f"module 'labkit' has no attribute {name!r}")

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from labkit import display, readiness
 from labkit.errors import LabkitError
-from labkit.sandbox.node import quantity
+from labkit.kube import quantity
 
 
 class CheckFailed(AssertionError):

@@ -205,7 +205,7 @@ def test_a_partition_takes_lists_of_pods_on_either_side(lab: Lab) -> None:
 def _cpu_seconds(lab: Lab, pod: dict) -> float:
     # The node's kubelet API, straight: the API server's node proxy refuses the nodes' loopback addresses.
     node = lab.cluster.get(f"/api/v1/nodes/{pod['spec']['nodeName']}")
-    text = lab._agent("GET", "/metrics/resource", node=node).text
+    text = lab._reach.agent("GET", "/metrics/resource", node=node).text
     for line in text.splitlines():
         if line.startswith("container_cpu_usage_seconds_total") and f'pod="{pod["metadata"]["name"]}"' in line:
             return float(line.split()[1])
@@ -252,10 +252,10 @@ def test_closing_the_lab_mid_experiment_removes_its_faults(cluster: Sandbox, lab
     addresses = {p["status"]["podIP"] for p in deploy(lab, 2)}
     lab.chaos.delay("deployment/web", "100ms").wait_injected()
     lab.chaos.stress_cpu("deployment/web", load=50, duration="5m").wait_injected()
-    agent = lab._sandbox_node()
+    agent = lab._reach.sandbox_node()
 
     def ours() -> list[dict]:  # other tests' labs may still be closing
-        return [f for f in lab._agent("GET", "/labkit/faults", node=agent).json() if set(f["sources"]) & addresses]
+        return [f for f in lab._reach.agent("GET", "/labkit/faults", node=agent).json() if set(f["sources"]) & addresses]
 
     assert len(ours()) == 2
     namespace = lab.namespace

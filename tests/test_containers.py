@@ -15,7 +15,8 @@ import pytest
 from conftest import eventually, kubectl, kubectl_json, module_cluster
 
 from labkit.sandbox.controlplane import Sandbox
-from labkit.sandbox.kubeapi import APIError, KubeAPI
+from labkit.kube.client import KubeAPI
+from labkit.kube.errors import APIError
 from labkit.sandbox.node.envvars import ConfigError
 from labkit.sandbox.node.pods import AUTHORIZER_RETRIES, as_node
 from labkit.sandbox.node.volumes import MountError, PodVolumes

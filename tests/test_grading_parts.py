@@ -11,7 +11,7 @@ import pytest
 from labkit import checks
 from labkit.apps.loadgen import TaskResult
 from labkit.course import answers, scoring, transfer
-from labkit.recovery import Recovery
+from labkit.lab.recovery import Recovery
 
 
 def _exported(setup: str, names: list[str]) -> dict:

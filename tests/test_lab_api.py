@@ -20,7 +20,7 @@ from labkit import checks
 from labkit.checks import CheckFailed
 from labkit.lab import Lab
 from labkit.sandbox.controlplane import Sandbox
-from labkit.view import LiveView
+from labkit.lab.view import LiveView
 
 cluster = module_cluster("lab-api", nodes=1)
 
@@ -300,7 +300,7 @@ def test_the_official_client_works_with_the_labs_credentials_in_its_namespace(la
 
 
 def test_events_are_in_the_order_they_first_happened() -> None:
-    from labkit.lab import _repeats, in_time_order
+    from labkit.lab.events import _repeats, in_time_order
 
     def event(rv: int, reason: str, first: str | None = None, micro: str | None = None, **extra: object) -> dict:
         return {"metadata": {"resourceVersion": str(rv)}, "reason": reason, "firstTimestamp": first,

@@ -292,7 +292,7 @@ def test_the_failure_lab_grades_one_at_a_time_full_marks_and_zero(course: Course
 
 def test_the_cohorts_recoveries_lab_after_lab(tmp_path: Path) -> None:
     # What trainees' runs saved (labkit.recovery's own records), as collected into a course root.
-    from labkit.recovery import RESULTS_FILE, Recovery
+    from labkit.lab.recovery import RESULTS_FILE, Recovery
 
     root = tmp_path / "course"
     shutil.copy(REPOSITORY / "graders" / "nbgrader_config.py", root.mkdir() or root)

@@ -298,7 +298,7 @@ class GradingExecute(Execute):
 
     def _make_namespace(self, info: dict) -> str:
         """The namespace this run of the submission works in (both kernels), labelled as a lab's."""
-        from labkit.cluster import connect
+        from labkit.kube.config import connect
         from labkit.lab import LAB_LABEL, RUN_LABEL, slug
 
         self.cluster = connect(say=lambda _: None)

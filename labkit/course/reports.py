@@ -1,7 +1,7 @@
 """The instructor's reports: the cohort's operational figures, lab after lab.
 
 ``recoveries`` gathers every time-to-detect and time-to-recover measurement
-(``labkit.recovery``) of a lab's runs: as submitted (the trainee's own session,
+(``labkit.lab.recovery``) of a lab's runs: as submitted (the trainee's own session,
 when they acted) or as graded (the measurements the grader made itself while
 re-running each submission; a trainee's kernel cannot write those). The tables
 show them per fault, per lab and per trainee.

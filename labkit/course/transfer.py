@@ -19,7 +19,7 @@ import json
 from typing import Any
 
 TAG = "$labkit"
-PACKABLE_MODULES = ("labkit.recovery", "labkit.apps.loadgen")
+PACKABLE_MODULES = ("labkit.lab.recovery", "labkit.apps.loadgen")
 
 
 class Unpackable(Exception):
@@ -80,7 +80,7 @@ def _pack(value: Any, depth: int = 0) -> Any:
     if dataclasses.is_dataclass(value) and kind.__module__ in PACKABLE_MODULES:
         fields = {f.name: _pack(getattr(value, f.name), depth + 1) for f in dataclasses.fields(value)}
         return {TAG: "dataclass", "class": f"{kind.__module__}:{kind.__qualname__}", "fields": fields}
-    if kind.__module__ == "labkit.chaos" and kind.__name__ == "Experiment":
+    if kind.__module__ == "labkit.lab.chaos" and kind.__name__ == "Experiment":
         return {TAG: "experiment", "kind": value.kind, "name": value.name}
     raise Unpackable
 
@@ -109,7 +109,7 @@ def _unpack(data: Any, scope: dict) -> Any:
         kind = getattr(importlib.import_module(module), name)
         return kind(**{key: _unpack(value, scope) for key, value in data["fields"].items()})
     if tag == "experiment":
-        from labkit.chaos import Experiment
+        from labkit.lab.chaos import Experiment
 
         lab = scope.get("lab")
         experiment = Experiment(lab, data["kind"], data["name"])

@@ -30,7 +30,8 @@ from labkit.errors import LabkitError
 from labkit.progress import Progress, format_duration
 from labkit.sandbox import binaries, procs
 from labkit.sandbox.binaries import Toolset
-from labkit.sandbox.kubeapi import APPLY_PATCH, APIError, KubeAPI
+from labkit.kube.client import APPLY_PATCH, KubeAPI
+from labkit.kube.errors import APIError
 from labkit.sandbox.node import namespaces
 from labkit.sandbox.pki import CLUSTER_DNS_IP, KUBERNETES_SERVICE_IP, SERVICE_CIDR
 from labkit.sandbox.state import DEFAULT_NAME, SandboxState, port_lock, ports_of_others

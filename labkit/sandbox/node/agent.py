@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labkit.sandbox import procs
-from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, KubeAPI, api_micro_time, api_time, kubelet_event
+from labkit.kube.client import STRATEGIC_MERGE_PATCH, KubeAPI
+from labkit.kube.errors import APIError
+from labkit.kube.events import api_micro_time, api_time, kubelet_event
 from labkit.sandbox.node import namespaces
 from labkit.sandbox.node.chaos import ChaosController
 from labkit.sandbox.node.dns import ClusterDNS

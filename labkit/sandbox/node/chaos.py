@@ -44,22 +44,20 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Callable
 
-from labkit.sandbox.kubeapi import MERGE_PATCH, STRATEGIC_MERGE_PATCH, APIError, KubeAPI, api_time, component_event
-from labkit.sandbox.node.quantity import duration_seconds, parse as parse_quantity, rate_bits
+from labkit.kube import chaosmesh
+from labkit.kube.chaosmesh import FINALIZER
+from labkit.kube.client import MERGE_PATCH, STRATEGIC_MERGE_PATCH, KubeAPI
+from labkit.kube.errors import APIError
+from labkit.kube.events import api_time, component_event
+from labkit.kube.quantity import duration_seconds, parse as parse_quantity, rate_bits
+from labkit.kube.watch import ListWatch
 
-GROUP, VERSION = "chaos-mesh.org", "v1alpha1"
-KINDS = {"PodChaos": "podchaos", "NetworkChaos": "networkchaos", "StressChaos": "stresschaos"}
-FINALIZER = "chaos-mesh/records"
 PAUSE_IMAGE = "gcr.io/google-containers/pause:latest"  # what Chaos Mesh's pod-failure runs
 ORIGINAL_IMAGE = "chaos-mesh.org/original-image-"  # + container name: the pod's annotation while it fails
 MODES = ("one", "all", "fixed", "fixed-percent", "random-max-percent")
 POD_ACTIONS = ("pod-kill", "pod-failure", "container-kill")
 NETWORK_ACTIONS = ("delay", "loss", "bandwidth", "partition")
 SHAPING = ("delay", "loss", "bandwidth")  # one of these at a time on a pod's traffic
-
-
-def experiment_path(kind: str, namespace: str, name: str) -> str:
-    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{KINDS[kind]}/{name}"
 
 
 class Invalid(ValueError):
@@ -111,7 +109,7 @@ class Run:
 
     @property
     def path(self) -> str:
-        return experiment_path(self.kind, self.namespace, self.name)
+        return chaosmesh.path(self.kind, self.namespace, self.name)
 
 
 class ChaosController(threading.Thread):
@@ -133,7 +131,7 @@ class ChaosController(threading.Thread):
     # -- watching --------------------------------------------------------------------------------
 
     def run(self) -> None:
-        for kind, plural in KINDS.items():
+        for kind, plural in chaosmesh.PLURALS.items():
             threading.Thread(target=self._watch, args=(kind, plural), name=f"chaos-{plural}", daemon=True).start()
         while not self.stopping.is_set():
             due = min((r.deadline for r in self.runs.values() if r.deadline and not r.stopped), default=None)
@@ -152,28 +150,11 @@ class ChaosController(threading.Thread):
             self._recover(run, "the sandbox's node agent stopped")
 
     def _watch(self, kind: str, plural: str) -> None:
-        path = f"/apis/{GROUP}/{VERSION}/{plural}"
-        while not self.stopping.is_set():
-            try:
-                listing = self.api.request("GET", path)
-                for obj in listing.get("items", []):
-                    self.changes.put({**obj, "kind": kind})
-                version = listing["metadata"]["resourceVersion"]
-                query = f"?watch=1&resourceVersion={version}&timeoutSeconds=60&allowWatchBookmarks=true"
-                for event in self.api.stream(path + query):
-                    if self.stopping.is_set() or event["type"] == "ERROR":
-                        break
-                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                        self.changes.put({**event["object"], "kind": kind, "deleted": event["type"] == "DELETED"})
-            except APIError as exc:
-                if exc.status == 404:  # the kinds are not installed (yet): look again later
-                    self.stopping.wait(5)
-                    continue
-                self.log(f"chaos controller: watching {plural}: {exc}")
-                self.stopping.wait(1)
-            except (OSError, ValueError) as exc:
-                self.log(f"chaos controller: watching {plural}: {exc}")
-                self.stopping.wait(1)
+        experiments = ListWatch(self.api, f"/apis/{chaosmesh.GROUP_VERSION}/{plural}", stop=self.stopping.is_set,
+                                wait=self.stopping.wait, log=lambda m: self.log(f"chaos controller: {m}"))  # fmt: skip
+        for change, found in experiments:  # a kind not installed yet is waited for, quietly
+            for obj in found if change == "LISTED" else [found]:
+                self.changes.put({**obj, "kind": kind, "deleted": change == "DELETED"})
 
     # -- reconciling ------------------------------------------------------------------------------
 
@@ -519,7 +500,7 @@ class ChaosController(threading.Thread):
                 self.log(f"chaos {run.namespace}/{run.name}: status: {exc}")
 
     def _patch(self, obj: dict, body: dict) -> None:
-        path = experiment_path(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        path = chaosmesh.path(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
         try:
             self.api.request("PATCH", path, body, content_type=MERGE_PATCH)
         except APIError as exc:
@@ -527,7 +508,7 @@ class ChaosController(threading.Thread):
                 raise
 
     def _event(self, run: Run, reason: str, message: str, kind: str = "Normal") -> None:
-        involved = {"apiVersion": f"{GROUP}/{VERSION}", "kind": run.kind, "name": run.name, "namespace": run.namespace,
+        involved = {"apiVersion": chaosmesh.GROUP_VERSION, "kind": run.kind, "name": run.name, "namespace": run.namespace,
                     "uid": run.uid}  # fmt: skip
         event = component_event(involved, reason, message, kind=kind, component="chaos-controller-manager")
         try:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import os
 
-from labkit.sandbox.node import quantity
+from labkit.kube import quantity
 
 MIN_SHARES = 2  # the kubelet's MinShares: a container without a CPU request
 SHARES_PER_CPU = 1024

@@ -13,7 +13,7 @@ import base64
 import re
 from typing import Callable
 
-from labkit.sandbox.node import quantity
+from labkit.kube import quantity
 
 Lookup = Callable[[str, str], "dict | None"]  # (kind "configmaps"|"secrets", name) -> object or None
 _VALID_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")

@@ -28,8 +28,13 @@ from typing import Callable, TypeVar
 import labkit
 from labkit import paths
 from labkit.sandbox import procs
-from labkit.sandbox.kubeapi import STRATEGIC_MERGE_PATCH, APIError, EventSink, KubeAPI, ObjectCache, api_time, kubelet_event
-from labkit.sandbox.node import cpuweight, envvars, images, launch, namespaces, probes, quantity, usage
+from labkit.kube import quantity
+from labkit.kube.cache import ObjectCache
+from labkit.kube.client import STRATEGIC_MERGE_PATCH, KubeAPI
+from labkit.kube.errors import APIError
+from labkit.kube.events import EventSink, api_time, kubelet_event
+from labkit.kube.watch import ListWatch
+from labkit.sandbox.node import cpuweight, envvars, images, launch, namespaces, probes, usage
 from labkit.sandbox.node.logs import ContainerLog
 from labkit.sandbox.node.dns import pod_files
 from labkit.sandbox.node.network import NetworkError, Networking
@@ -890,19 +895,20 @@ class PodSource(threading.Thread):
                 self.stop_all()
                 self.stopping.wait(0.5)
                 continue
-            try:
-                listing = self.api.request("GET", f"/api/v1/pods?fieldSelector={self._selector()}")
+            pods = ListWatch(self.api, "/api/v1/pods", query={"fieldSelector": f"spec.nodeName={self.node}"},
+                             stop=lambda: self.stopping.is_set() or self.paused.is_set(), wait=self.stopping.wait,
+                             log=lambda m: self.log(f"pods of {self.node}: {m}"))  # fmt: skip
+            for change, found in pods:
+                if change != "LISTED":
+                    self._handle(change, found)
+                    continue
                 seen = set()
-                for pod in listing.get("items", []):
+                for pod in found:
                     seen.add(pod["metadata"]["uid"])
                     self._handle("MODIFIED", pod)
                 for uid in set(self.workers) - seen:
                     self._forget(uid)
                 self._collect(seen)
-                self._watch(listing["metadata"]["resourceVersion"])
-            except (APIError, OSError, ValueError) as exc:
-                self.log(f"pods of {self.node}: {exc}; listing again")
-                self.stopping.wait(1.0)
 
     def _collect(self, live: set[str]) -> None:
         """Remove the folders of pods that no longer exist (deleted while the agent was away)."""
@@ -910,18 +916,6 @@ class PodSource(threading.Thread):
             uid = folder.name.rsplit("_", 1)[-1]
             if uid not in live and uid not in self.workers:
                 shutil.rmtree(folder, ignore_errors=True)
-
-    def _watch(self, version: str) -> None:
-        path = (f"/api/v1/pods?fieldSelector={self._selector()}&watch=1&resourceVersion={version}"
-                "&timeoutSeconds=60&allowWatchBookmarks=true")  # fmt: skip
-        for event in self.api.stream(path):
-            if self.stopping.is_set() or self.paused.is_set():
-                return
-            kind, pod = event["type"], event["object"]
-            if kind == "ERROR":
-                return  # e.g. 410 Gone: list again
-            if kind != "BOOKMARK":
-                self._handle(kind, pod)
 
     def _handle(self, kind: str, pod: dict) -> None:
         uid = pod["metadata"]["uid"]

@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from labkit.sandbox.kubeapi import APIError, KubeAPI
+from labkit.kube.client import KubeAPI
+from labkit.kube.watch import ListWatch
 
 MASQUERADE_MARK = 0x4000
 TABLE = "labkit"
@@ -90,33 +91,19 @@ class ServiceProxy:
 
     def _follow(self, kind: str, path: str) -> None:
         store = self.services if kind == "services" else self.slices
-        while not self.stopping.is_set():
-            try:
-                listing = self.api.request("GET", path)
-                with self.lock:
+        for change, found in ListWatch(self.api, path, watch_seconds=300, stop=self.stopping.is_set,
+                                       wait=self.stopping.wait, log=lambda m: self.log(f"service proxy: {m}")):  # fmt: skip
+            with self.lock:
+                if change == "LISTED":
                     store.clear()
-                    for item in listing.get("items", []):
-                        store[_key(item)] = item
+                    store.update({_key(item): item for item in found})
+                elif change == "DELETED":
+                    store.pop(_key(found), None)
+                else:
+                    store[_key(found)] = found
+            if change == "LISTED":
                 self.synced[kind].set()
-                self.dirty.set()
-                query = {"watch": "1", "resourceVersion": listing["metadata"]["resourceVersion"],
-                         "timeoutSeconds": "300", "allowWatchBookmarks": "true"}  # fmt: skip
-                for event in self.api.stream(path, timeout=330, query=query):
-                    if self.stopping.is_set():
-                        return
-                    if event["type"] == "ERROR":
-                        break
-                    if event["type"] == "BOOKMARK":
-                        continue
-                    with self.lock:
-                        if event["type"] == "DELETED":
-                            store.pop(_key(event["object"]), None)
-                        else:
-                            store[_key(event["object"])] = event["object"]
-                    self.dirty.set()
-            except (APIError, OSError, ValueError) as exc:
-                self.log(f"service proxy: {kind}: {exc}; listing again")
-                self.stopping.wait(1.0)
+            self.dirty.set()
 
     def _sync_loop(self) -> None:
         while not self.stopping.is_set():

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Callable
 from labkit import display, readiness
 
 if TYPE_CHECKING:
-    from labkit.lab import Lab
+    from labkit.lab.context import LabContext
 
 RESULTS_FILE = "labkit-results.json"
 SAMPLE = 0.1  # seconds between looks at the steady state
@@ -79,7 +79,7 @@ class Recovery:
 class Measurement:
     """The ``with`` block of ``lab.measure``: samples the steady state in the background while the fault runs."""
 
-    def __init__(self, lab: Lab, fault: str, target: str, steady: Callable[[], bool],
+    def __init__(self, lab: LabContext, fault: str, target: str, steady: Callable[[], bool],
                  symptom: Callable[[], bool] | None, within: float) -> None:  # fmt: skip
         self.lab = lab
         self.steady = steady
@@ -145,7 +145,7 @@ class Measurement:
             self.stopped.wait(SAMPLE)
 
 
-def save(lab: Lab, record: Recovery) -> None:
+def save(lab: LabContext, record: Recovery) -> None:
     """Add ``record`` to ``labkit-results.json`` in the working folder (the notebook's). When graded, the grader
     writes that file itself, from its own lab's records (``labkit.course.execute``)."""
     if lab.grading:
@@ -193,12 +193,12 @@ def timeline(records: list[Recovery]):  # noqa: ANN201 - a matplotlib Figure
     return figure
 
 
-def workload_steady(lab: Lab, target: str) -> bool:
+def workload_steady(lab: LabContext, target: str) -> bool:
     """Whether ``target`` is in its steady state: every replica it wants ready (a Pod: Ready)."""
     obj = lab.get(target)
     if obj is None:
         return False
-    kind, _ = lab._locate(target)
+    kind, _ = lab.locate(target)
     state = readiness.progress(kind.kind, obj)
     if kind.kind in ("Deployment", "StatefulSet", "ReplicaSet"):
         status = obj.get("status") or {}

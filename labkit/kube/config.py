@@ -11,13 +11,13 @@ A lab runs unchanged in three places, and finds its cluster in this order:
 ``$LABKIT_CLUSTER`` chooses instead: ``in-cluster``, ``kubeconfig`` or
 ``sandbox`` (``sandbox:NAME`` for a named one).
 
-Requests go through labkit's own small client (``labkit.sandbox.kubeapi``, which
+Requests go through labkit's own small client (``labkit.kube.client``, which
 the node agent uses too), so a kernel connects in milliseconds. Kubeconfigs are
 read as kubectl reads them: the current context; certificate authorities, client
 certificates and keys as files or inline data; bearer tokens and token files; and
 exec credential plugins (the way cloud providers' kubeconfigs log in), run again
-when their credential expires. API errors come back as ``APIError`` (a
-``LabkitError``) with the API server's own message.
+when their credential expires. API errors come back as ``labkit.kube.errors``
+(``LabkitError``s) with the API server's own message.
 """
 
 from __future__ import annotations
@@ -40,29 +40,17 @@ from typing import Any, Callable
 import yaml
 
 from labkit.errors import LabkitError
+from labkit.kube.client import KubeAPI
+from labkit.kube.errors import NotFound, Unreachable
 from labkit.paths import sandboxes_root
-from labkit.sandbox import kubeapi
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-APPLY_PATCH = kubeapi.APPLY_PATCH
-MERGE_PATCH = kubeapi.MERGE_PATCH
-STRATEGIC_MERGE_PATCH = kubeapi.STRATEGIC_MERGE_PATCH
-
-
-class APIError(LabkitError):
-    """A request the API server refused, with its own message (``status``: the HTTP status)."""
-
-    def __init__(self, status: int, message: str, reason: str = "", hint: str | None = None) -> None:
-        self.status = status
-        self.reason = reason
-        super().__init__(message, hint=hint)
-
 
 @dataclass
 class Cluster:
     """A connected cluster: the client, where it came from, and how kubectl reaches it."""
 
-    api: kubeapi.KubeAPI
+    api: KubeAPI
     source: str  # "in-cluster", "kubeconfig" or "sandbox"
     description: str  # for people: which cluster this is
     kubeconfig: Path | None  # for kubectl (None in-cluster: kubectl finds the service account itself)
@@ -74,37 +62,26 @@ class Cluster:
 
     def send(self, method: str, path: str, body: Any = None, *, content_type: str = "application/json",
              query: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, bytes]:  # fmt: skip
-        """One request, whatever its answer: (status, body). A cluster that does not answer is a LabkitError."""
+        """One request, whatever its answer: (status, body). A cluster that does not answer raises Unreachable."""
         try:
             return self.api.send(method, path, body, content_type=content_type, query=query, timeout=timeout)
-        except OSError as exc:
-            raise LabkitError(f"The cluster at {self.server} does not answer ({exc}).", hint=self.unreachable_hint()) from None
+        except Unreachable as exc:
+            raise Unreachable(exc.message, hint=self.unreachable_hint()) from None
 
     def request(self, method: str, path: str, body: Any = None, *, content_type: str = "application/json",
                 query: dict[str, str] | None = None, timeout: float = 30) -> dict:  # fmt: skip
-        """One API request; the decoded JSON answer. Refusals raise APIError with the server's message."""
-        status, data = self.send(method, path, body, content_type=content_type, query=query, timeout=timeout)
-        if status >= 400:
-            raise api_error(status, data)
-        return json.loads(data) if data else {}
+        """One API request; the decoded JSON answer. Refusals raise ``labkit.kube.errors``, with the server's message."""
+        try:
+            return self.api.request(method, path, body, content_type=content_type, query=query, timeout=timeout)
+        except Unreachable as exc:
+            raise Unreachable(exc.message, hint=self.unreachable_hint()) from None
 
     def get(self, path: str) -> dict | None:
         """The object at ``path``, None if there is none."""
         try:
             return self.request("GET", path)
-        except APIError as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def stream(self, path: str, query: dict[str, str], timeout: float = 60):  # noqa: ANN201 - a generator of events
-        """The events of a watch (``watch=true`` is added), as decoded JSON, until the server ends it."""
-        try:
-            yield from self.api.stream(path, timeout=timeout, query={**query, "watch": "true"})
-        except kubeapi.APIError as exc:
-            raise api_error(exc.status, exc.body) from None
-        except OSError as exc:
-            raise LabkitError(f"The cluster at {self.server} does not answer ({exc}).", hint=self.unreachable_hint()) from None
+        except NotFound:
+            return None
 
     @property
     def server(self) -> str:
@@ -146,23 +123,6 @@ class Cluster:
         if self.kubeconfig is not None:
             command.append(f"--kubeconfig={self.kubeconfig}")
         return command
-
-
-def api_error(status: int, body: str | bytes) -> APIError:
-    """The API server's refusal as one message (its ``Status.message``), with a hint where one helps."""
-    text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = {}
-    parsed = parsed if isinstance(parsed, dict) else {}
-    message = parsed.get("message") or text.strip() or f"HTTP {status}"
-    hint = None
-    if status == 403:
-        hint = "Your credentials do not allow this here. Labs only act inside the lab's own namespace."
-    elif status == 401:
-        hint = "The cluster did not accept your credentials; they may have expired. Log in again, then rerun the cell."
-    return APIError(status, message, parsed.get("reason", ""), hint)
 
 
 def _find_kubectl() -> str:
@@ -218,7 +178,7 @@ def in_cluster() -> Cluster:
         raise LabkitError("LABKIT_CLUSTER=in-cluster, but this is not a pod with a service account.")
     server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
     token = _cached(lambda: ((SERVICE_ACCOUNT / "token").read_text().strip(), time.time() + 60))
-    api = kubeapi.KubeAPI(server, SERVICE_ACCOUNT / "ca.crt", token=token)
+    api = KubeAPI(server, SERVICE_ACCOUNT / "ca.crt", token=token)
     namespace_file = SERVICE_ACCOUNT / "namespace"
     namespace = namespace_file.read_text().strip() if namespace_file.exists() else None
     return Cluster(api, "in-cluster", f"this Kubernetes cluster (service account in namespace {namespace})", None, namespace)
@@ -255,7 +215,7 @@ def _named(entries: Any, name: str, what: str) -> dict:
     raise ValueError(f"it names {what} {name!r} but does not define it")
 
 
-def _client(cluster: dict, user: dict, base: Path, where: str) -> kubeapi.KubeAPI:
+def _client(cluster: dict, user: dict, base: Path, where: str) -> KubeAPI:
     """A client for a kubeconfig's cluster and user entries (paths in it are relative to ``base``)."""
     if "server" not in cluster:
         raise LabkitError(f"{where}: its cluster has no server address.")
@@ -290,7 +250,7 @@ def _client(cluster: dict, user: dict, base: Path, where: str) -> kubeapi.KubeAP
     elif user.get("tokenFile"):
         token_file = base / user["tokenFile"]
         token = _cached(lambda: (token_file.read_text().strip(), time.time() + 60))
-    return kubeapi.KubeAPI(cluster["server"], token=token, context=context)
+    return KubeAPI(cluster["server"], token=token, context=context)
 
 
 def _file_or_data(user: dict, key: str, base: Path) -> str | None:

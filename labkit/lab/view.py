@@ -1,8 +1,8 @@
 """A live view of a lab's cluster: its nodes and the lab's pods, redrawn as watches report changes.
 
 Two threads keep lists of the nodes and of the lab's pods current the way
-controllers do (list, then watch from the list's resourceVersion, and list again
-when the watch ends or expires); every change redraws an ipywidgets HTML table,
+controllers do (``labkit.kube.watch``: list, then watch, resumed from the last
+resourceVersion); every change redraws an ipywidgets HTML table,
 at most a few times a second. Credentials that may not list nodes (a trainee's
 service account) show the pods alone.
 """
@@ -16,7 +16,8 @@ import time
 from typing import Any
 
 from labkit import readiness
-from labkit.errors import LabkitError
+from labkit.kube.errors import Forbidden
+from labkit.kube.watch import ListWatch
 
 REDRAW_EVERY = 0.25
 
@@ -48,39 +49,23 @@ class LiveView:
     # -- keeping the lists ------------------------------------------------------------------
 
     def _follow(self, path: str, what: str) -> None:
-        cluster = self.lab.cluster
-        while not self.stopping.is_set():
-            try:
-                listing = cluster.request("GET", path)
+        changes = ListWatch(self.lab.cluster.api, path, watch_seconds=50, stop=self.stopping.is_set,
+                            wait=self.stopping.wait, fatal=(Forbidden,))  # fmt: skip
+        try:
+            for change, found in changes:
                 with self.lock:
-                    setattr(self, what, {o["metadata"]["name"]: o for o in listing.get("items", [])})
+                    if change == "LISTED":
+                        setattr(self, what, {o["metadata"]["name"]: o for o in found})
+                    elif change == "DELETED":
+                        getattr(self, what).pop(found["metadata"]["name"], None)
+                    else:
+                        getattr(self, what)[found["metadata"]["name"]] = found
                 self.dirty.set()
-                version = listing["metadata"]["resourceVersion"]
-                query = {"resourceVersion": version, "timeoutSeconds": "50", "allowWatchBookmarks": "true"}
-                for event in cluster.stream(path, query, timeout=60):
-                    if self.stopping.is_set():
-                        return
-                    if event["type"] == "ERROR":
-                        break  # expired: list again
-                    if event["type"] == "BOOKMARK":
-                        continue
-                    obj = event["object"]
-                    with self.lock:
-                        store = getattr(self, what)
-                        if event["type"] == "DELETED":
-                            store.pop(obj["metadata"]["name"], None)
-                        else:
-                            store[obj["metadata"]["name"]] = obj
-                    self.dirty.set()
-            except LabkitError as exc:
-                if what == "nodes" and getattr(exc, "status", 0) == 403:
-                    with self.lock:
-                        self.nodes = None  # not ours to see
-                    self.dirty.set()
-                    return
-                self.stopping.wait(2.0)
-            except Exception:  # noqa: BLE001 - a dropped connection: list again shortly
-                self.stopping.wait(1.0)
+        except Forbidden:
+            if what == "nodes":
+                with self.lock:
+                    self.nodes = None  # not ours to see: the pods alone
+                self.dirty.set()
 
     def _redraw(self) -> None:
         while not self.stopping.is_set():

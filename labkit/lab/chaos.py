@@ -26,18 +26,17 @@ from typing import TYPE_CHECKING, Any
 
 from labkit import display, manifests
 from labkit.errors import LabkitError
+from labkit.kube import chaosmesh
+from labkit.kube.chaosmesh import GROUP_VERSION, PLURALS
 
 if TYPE_CHECKING:
-    from labkit.lab import Lab
-
-GROUP_VERSION = "chaos-mesh.org/v1alpha1"
-PLURALS = {"PodChaos": "podchaos", "NetworkChaos": "networkchaos", "StressChaos": "stresschaos"}
+    from labkit.lab.context import LabContext
 
 
 class Experiment:
     """One chaos experiment in the lab's namespace: its status as the chaos controller writes it."""
 
-    def __init__(self, lab: Lab, kind: str, name: str) -> None:
+    def __init__(self, lab: LabContext, kind: str, name: str) -> None:
         self.lab = lab
         self.kind = kind
         self.name = name
@@ -45,7 +44,7 @@ class Experiment:
 
     @property
     def path(self) -> str:
-        return f"/apis/{GROUP_VERSION}/namespaces/{self.lab.namespace}/{PLURALS[self.kind]}/{self.name}"
+        return chaosmesh.path(self.kind, self.lab.namespace, self.name)
 
     def object(self) -> dict | None:
         try:
@@ -104,14 +103,15 @@ class Experiment:
             line.update(f"{self.kind}/{self.name}: waiting for {condition}")
             time.sleep(0.1)
 
-    def delete(self) -> None:
+    def delete(self, quiet: bool = False) -> None:
         """End it now: its faults are removed before the object goes."""
         try:
             self.lab.request("DELETE", self.path)
         except LabkitError:
             pass  # gone already (or with the namespace)
         self.lab.chaos.experiments.pop(self.name, None)
-        self.lab.say(f"{self.kind}/{self.name} deleted")
+        if not quiet:
+            self.lab.say(f"{self.kind}/{self.name} deleted")
 
     def __repr__(self) -> str:
         return f"<{self.kind} {self.name}: {self.phase}>"
@@ -120,7 +120,7 @@ class Experiment:
 class Chaos:
     """The lab's chaos experiments (``lab.chaos``)."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: LabContext) -> None:
         self.lab = lab
         self.experiments: dict[str, Experiment] = {}
 
@@ -133,7 +133,7 @@ class Chaos:
             if obj.get("apiVersion") != GROUP_VERSION or obj.get("kind") not in PLURALS:
                 raise LabkitError(f"{obj.get('kind')} ({obj.get('apiVersion')}) is not a chaos experiment.",
                                   hint=f"Use {', '.join(PLURALS)} of {GROUP_VERSION}; lab.apply() takes anything else.")  # fmt: skip
-            self.lab._apply(obj, action=False)  # a fault, not the trainee's remedy
+            self.lab.apply(obj, action=False)  # a fault, not the trainee's remedy
             experiment = Experiment(self.lab, obj["kind"], obj["metadata"]["name"])
             self.experiments[experiment.name] = experiment
             made.append(experiment)
@@ -162,7 +162,7 @@ class Chaos:
         if "=" in target and "/" not in target:
             labels = dict(part.split("=", 1) for part in target.split(","))
             return {"labelSelectors": {k.strip(): v.strip() for k, v in labels.items()}}
-        kind, name = self.lab._locate(target)
+        kind, name = self.lab.locate(target)
         if kind.kind == "Pod":
             return {"pods": {self.lab.namespace: [name]}}
         obj = self.lab.get(target)
@@ -246,8 +246,8 @@ class Chaos:
     def list(self) -> None:
         """Show the namespace's experiments: kind, name, action, phase, targets."""
         rows = []
-        for kind, plural in PLURALS.items():
-            for obj in self.lab.request("GET", f"/apis/{GROUP_VERSION}/namespaces/{self.lab.namespace}/{plural}").get("items", []):
+        for kind in PLURALS:
+            for obj in self.lab.request("GET", chaosmesh.path(kind, self.lab.namespace)).get("items", []):
                 status = obj.get("status") or {}
                 records = (status.get("experiment") or {}).get("containerRecords") or []
                 rows.append((kind, obj["metadata"]["name"], obj["spec"].get("action", "stress"),
@@ -255,10 +255,10 @@ class Chaos:
                              ", ".join(f"{r['id'].split('/', 1)[1]} ({r['phase']})" for r in records) or "-"))  # fmt: skip
         display.table(rows, ("KIND", "NAME", "ACTION", "PHASE", "TARGETS"))
 
-    def clear(self) -> None:
+    def clear(self, quiet: bool = False) -> None:
         """Delete every experiment this lab made (their faults are removed)."""
         for experiment in list(self.experiments.values()):
-            experiment.delete()
+            experiment.delete(quiet=quiet)
 
     def controller_hint(self) -> str:
         if self.lab.cluster.sandbox:
