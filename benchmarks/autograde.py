@@ -34,9 +34,8 @@ import nbformat
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from labkit.course import GRADING_SANDBOX, Course, grading_cluster  # noqa: E402
+from labkit.course import Course, grading_cluster  # noqa: E402
 from labkit.sandbox import binaries  # noqa: E402
-from labkit.sandbox.controlplane import Sandbox  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 LAB = "01-deploy-and-scale"
@@ -55,9 +54,10 @@ def plain_copy(source: Path, target: Path) -> None:
         if meta.get("solution"):
             answer = f"value_{number}"
             cell.source = f"### BEGIN SOLUTION\n{answer} = sum(range({number}))\n### END SOLUTION"
-        elif meta.get("grade"):
-            cell.source = (f"assert {answer} >= 0\n"
-                           f"### BEGIN HIDDEN TESTS\nassert isinstance({answer}, int)\n### END HIDDEN TESTS")  # fmt: skip
+        elif meta.get("grade"):  # checked as the labs' checks are: the answer read as a value, by the grader
+            cell.source = (f"from labkit import checks\nchecks.answer({answer!r}, sum(range({answer[6:]})))\n"
+                           f"### BEGIN HIDDEN TESTS\nassert isinstance(checks.given({answer!r}), int)\n"
+                           "### END HIDDEN TESTS")  # fmt: skip
         else:
             cell.source = f"print({number} * 2)"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -114,17 +114,14 @@ def main() -> None:
         plain_paths = submissions(plain_course, PLAIN, source / PLAIN / NOTEBOOK, args.submissions, scratch / "submitted")
 
         started = time.monotonic()
-        try:
-            with grading_cluster("sandbox", say=lambda _: None):
-                sandbox_start = time.monotonic() - started
-                # The cluster is up: grade against it as the autograde command does, and the plain notebooks
-                # the same way (they never connect), one kind after the other.
-                lab_seconds, _ = grade(lab_course, LAB, lab_paths, 1)
-                plain_seconds, _ = grade(plain_course, PLAIN, plain_paths, 1)
-                _, lab_cohort = grade(lab_course, LAB, lab_paths, args.parallel)
-                _, plain_cohort = grade(plain_course, PLAIN, plain_paths, args.parallel)
-        finally:
-            Sandbox(GRADING_SANDBOX).down(purge=True, say=lambda _: None)
+        with grading_cluster("sandbox", say=lambda _: None):  # a sandbox of the run's own, removed at its end
+            sandbox_start = time.monotonic() - started
+            # The cluster is up: grade against it as the autograde command does, and the plain notebooks
+            # the same way (they never connect), one kind after the other.
+            lab_seconds, _ = grade(lab_course, LAB, lab_paths, 1)
+            plain_seconds, _ = grade(plain_course, PLAIN, plain_paths, 1)
+            _, lab_cohort = grade(lab_course, LAB, lab_paths, args.parallel)
+            _, plain_cohort = grade(plain_course, PLAIN, plain_paths, args.parallel)
 
     cells = len(nbformat.read(REPOSITORY / "notebooks" / LAB / NOTEBOOK, as_version=4).cells)
     n = args.submissions

@@ -208,14 +208,18 @@ def test_a_container_that_cannot_start_says_why(cluster: Sandbox, ns: str) -> No
 # -- the kubelet API itself ------------------------------------------------------------------------
 
 
-def _node_api(cluster: Sandbox, path: str, stem: str) -> tuple[int, str]:
-    """GET ``path`` of node-1's kubelet API with client certificate ``stem``, verifying the node's certificate."""
+def _node_api(cluster: Sandbox, path: str, stem: str | None = None, token: str | None = None) -> tuple[int, str]:
+    """GET ``path`` of node-1's kubelet API with client certificate ``stem`` (or a bearer ``token``, or as nobody),
+    verifying the node's certificate."""
     pki = cluster.state.pki
     context = ssl.create_default_context(cafile=str(pki.cert("ca")))
-    context.load_cert_chain(str(pki.cert(stem)), str(pki.key(stem)))
+    if stem:
+        context.load_cert_chain(str(pki.cert(stem)), str(pki.key(stem)))
     port = cluster.state.load()["ports"][kubelet_port_name("node-1")]
+    request = urllib.request.Request(f"https://127.0.0.1:{port}{path}",
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})  # fmt: skip
     try:
-        with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", context=context, timeout=10) as response:
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -232,10 +236,34 @@ def test_only_the_api_server_and_admins_are_served(cluster: Sandbox, ns: str) ->
     status, body = _node_api(cluster, "/healthz", "nodes/node-1")  # a valid certificate, but a node's
     assert status == 403 and body.startswith("Forbidden (user=system:node:node-1, verb=get, resource=nodes")
     assert _node_api(cluster, "/healthz", "admin") == (200, "ok")  # system:masters
-    port = cluster.state.load()["ports"][kubelet_port_name("node-1")]
-    anonymous = ssl.create_default_context(cafile=str(cluster.state.pki.cert("ca")))
-    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
-        urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=anonymous, timeout=10).read()
+    assert _node_api(cluster, "/healthz") == (401, "Unauthorized\n")  # no certificate, no token
+    assert _node_api(cluster, "/healthz", token="not-a-token") == (401, "Unauthorized\n")
+
+
+def test_a_service_accounts_token_reaches_what_its_role_allows_and_nothing_else(cluster: Sandbox, ns: str) -> None:
+    # As a kubelet in webhook mode: the token is reviewed by the API server, the request authorized as the
+    # API server would authorize the same request through pods/proxy.
+    other = f"{ns}-other"[:60]
+    kubectl(cluster, "create", "namespace", other)
+    try:
+        for where in (ns, other):
+            kubectl(cluster, "-n", where, "run", "web", "--image=labkit/web:1.0", "--port=8080",
+                    "--overrides", json.dumps({"spec": {"nodeName": "node-1"}}))  # fmt: skip
+        kubectl(cluster, "-n", ns, "create", "serviceaccount", "trainee")
+        kubectl(cluster, "-n", ns, "create", "role", "proxy", "--verb=get", "--resource=pods/proxy")
+        kubectl(cluster, "-n", ns, "create", "rolebinding", "proxy", "--role=proxy", f"--serviceaccount={ns}:trainee")
+        token = kubectl(cluster, "-n", ns, "create", "token", "trainee").stdout.strip()
+        for where in (ns, other):
+            eventually(lambda where=where: _node_api(cluster, f"/labkit/proxy/{where}/web/8080/healthz", "admin")[0] == 200,
+                       what=f"web in {where} answering")  # fmt: skip
+        assert _node_api(cluster, f"/labkit/proxy/{ns}/web/8080/version", token=token)[0] == 200
+        status, body = _node_api(cluster, f"/labkit/proxy/{other}/web/8080/version", token=token)
+        assert (status, body) == (403, f"Forbidden (user=system:serviceaccount:{ns}:trainee, verb=get, resource=pods, "
+                                       "subresource(s)=[proxy])\n")  # fmt: skip
+        status, body = _node_api(cluster, "/labkit/faults", token=token)
+        assert status == 403 and "resource=nodes, subresource(s)=[proxy]" in body
+    finally:
+        kubectl(cluster, "delete", "namespace", other, "--wait=false", check=False)
 
 
 def test_kubelet_wording_for_unknown_pods_and_containers(cluster: Sandbox, ns: str) -> None:

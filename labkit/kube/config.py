@@ -41,7 +41,7 @@ import yaml
 
 from labkit.errors import LabkitError
 from labkit.kube.client import KubeAPI
-from labkit.kube.errors import NotFound, Unreachable
+from labkit.kube.errors import APIError, NotFound, Unreachable, with_hint
 from labkit.paths import sandboxes_root
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -70,11 +70,14 @@ class Cluster:
 
     def request(self, method: str, path: str, body: Any = None, *, content_type: str = "application/json",
                 query: dict[str, str] | None = None, timeout: float = 30) -> dict:  # fmt: skip
-        """One API request; the decoded JSON answer. Refusals raise ``labkit.kube.errors``, with the server's message."""
+        """One API request; the decoded JSON answer. Refusals raise ``labkit.kube.errors``, with the server's message
+        and a hint for the person at the notebook."""
         try:
             return self.api.request(method, path, body, content_type=content_type, query=query, timeout=timeout)
         except Unreachable as exc:
             raise Unreachable(exc.message, hint=self.unreachable_hint()) from None
+        except APIError as exc:
+            raise with_hint(exc) from None
 
     def get(self, path: str) -> dict | None:
         """The object at ``path``, None if there is none."""

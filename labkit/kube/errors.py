@@ -94,10 +94,19 @@ _BY_REASON = {cls.reason_name: cls for cls in (NotFound, AlreadyExists, Conflict
                                                Unauthorized, Expired, TooManyRequests)}  # fmt: skip
 _BY_STATUS = {404: NotFound, 409: Conflict, 422: Invalid, 400: BadRequest, 403: Forbidden, 401: Unauthorized,
               410: Expired, 429: TooManyRequests}  # fmt: skip
+# What a person should do about a refusal (the notebooks' client adds them; a component's logs keep to the facts).
 HINTS = {
     Forbidden: "Your credentials do not allow this here. Labs only act inside the lab's own namespace.",
     Unauthorized: "The cluster did not accept your credentials; they may have expired. Log in again, then rerun the cell.",
 }
+
+
+def with_hint(error: APIError) -> APIError:
+    """``error`` with the hint its kind has for a person (``HINTS``), if it has none yet."""
+    if error.hint is None:
+        error.hint = next((text for base, text in HINTS.items() if isinstance(error, base)), None)
+        error.args = (str(error),)
+    return error
 
 
 def api_error(status: int, body: str | bytes) -> APIError:
@@ -116,5 +125,4 @@ def api_error(status: int, body: str | bytes) -> APIError:
         kind = NamespaceTerminating
     elif kind is NotFound and details.get("kind") == "namespaces":
         kind = NamespaceMissing
-    hint = next((text for base, text in HINTS.items() if issubclass(kind, base)), None)
-    return kind(status, message, reason=reason, details=details, body=text, hint=hint)
+    return kind(status, message, reason=reason, details=details, body=text)

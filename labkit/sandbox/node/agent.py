@@ -93,7 +93,7 @@ class NodeHeartbeat(threading.Thread):
         self.pods = PodSource(spec.name, self.api, run_dir.parent / "pods" / spec.name, stopping, _log,
                               allocatable={"cpu": spec.cpu, "memory": spec.memory}, networking=networking)
         self.kubelet_api = NodeServer(spec.name, spec.port, Path(spec.serving_cert), Path(spec.serving_key), ca,
-                                      self.pods.current, _log, networking) if spec.port else None  # fmt: skip
+                                      self.pods.current, _log, networking, self.api) if spec.port else None  # fmt: skip
 
     # -- the node object ---------------------------------------------------------------------
 

@@ -23,12 +23,13 @@ server per node, speaking what the kubelet speaks:
 * ``GET|POST /labkit/faults``, ``DELETE /labkit/faults/{id}``: the network faults
   in force, one more, one fewer (``faults.py``).
 
-Authentication is the client certificate, verified against the cluster CA.
-Authorization is where this differs from a kubelet, which asks the API server
-(a SubjectAccessReview for ``nodes/proxy``): here only the API server's kubelet
-client (``kube-apiserver-kubelet-client``) and ``system:masters`` are allowed,
-which is whom the default RBAC policy allows anyway; anyone else gets the
-kubelet's 403.
+Authentication and authorization are a kubelet's in webhook mode (``authz.py``): a
+client certificate the cluster CA signed or a bearer token the API server vouches
+for, and a SubjectAccessReview of what the request means (``nodes/proxy`` for the
+kubelet's paths; ``pods/proxy`` and ``services/proxy`` for labkit's, as the API
+server would ask for the same request), so that a trainee's service account
+reaches its own pods' ports here as it would through the API server, and nobody
+else's; nobody is 401, refused is the kubelet's 403.
 """
 
 from __future__ import annotations
@@ -48,11 +49,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from labkit.sandbox.node import logs, metrics
+from labkit.kube.client import KubeAPI
+from labkit.sandbox.node import authz, logs, metrics
 from labkit.sandbox.node.namespaces import in_network
 
-APISERVER_CLIENT = "kube-apiserver-kubelet-client"
-ADMIN_GROUP = "system:masters"
 PROXY_TIMEOUT = 10.0  # a pod's HTTP answer, through labkit's proxy
 PROXY_LIMIT = 8 << 20  # bytes of it passed on
 REQUEST_TIMEOUT = 120.0  # an idle kept-alive connection, or a client that stops reading, is dropped after this
@@ -186,13 +186,6 @@ def parse_options(query: str, now: dt.datetime | None = None) -> LogOptions:
 # -- the server --------------------------------------------------------------------------------
 
 
-def _identity(peer: dict) -> tuple[str, list[str]]:
-    """A verified client certificate's user and groups, as Kubernetes reads them (CN and O)."""
-    names = [(key, value) for rdn in peer.get("subject", ()) for key, value in rdn]
-    user = next((value for key, value in names if key == "commonName"), "")
-    return user, [value for key, value in names if key == "organizationName"]
-
-
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # chunked responses, which is how the kubelet streams logs
     timeout = REQUEST_TIMEOUT
@@ -207,13 +200,17 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # the API server logs every request it proxies; the agent's log keeps to problems
 
     def _allowed(self, url: urllib.parse.SplitResult, verb: str) -> bool:
-        """Only the API server's kubelet client and the cluster's admins: anyone else gets the kubelet's 403."""
-        user, groups = _identity(self.request.getpeercert() or {})
-        if user == APISERVER_CLIENT or ADMIN_GROUP in groups:
+        """Whether the caller may make this request (``authz.py``): else the kubelet's 401 or 403, and False."""
+        owner = self.server.owner
+        who = owner.gate.identify(self.request.getpeercert(), self.headers.get("Authorization"))
+        if who is None:
+            self._reply(401, "Unauthorized\n")
+            return False
+        wanted = authz.access(self.command, url.path, owner.node)
+        if owner.gate.allows(who, wanted):
             return True
-        subresources = "[healthz proxy]" if url.path.startswith("/healthz") else "[proxy]"
-        self.server.owner.log(f"node {self.server.owner.node}: refused {user or 'anonymous'} ({url.path})")
-        self._reply(403, f"Forbidden (user={user}, verb={verb}, resource=nodes, subresource(s)={subresources})\n")
+        owner.log(f"node {owner.node}: refused {who.user} ({self.command} {url.path})")
+        self._reply(403, wanted.refusal(who))
         return False
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -422,11 +419,14 @@ class _HTTPSServer(ThreadingHTTPServer):
 
 
 class NodeServer:
-    """One node's kubelet API: HTTPS on 127.0.0.1:``port``, client certificates required."""
+    """One node's kubelet API: HTTPS on 127.0.0.1:``port``; a client certificate or a bearer token."""
 
     def __init__(self, node: str, port: int, cert: Path, key: Path, ca: Path,
-                 workers: Callable[[], Iterable], log: Callable[[str], None], networking: Any = None) -> None:  # fmt: skip
+                 workers: Callable[[], Iterable], log: Callable[[str], None], networking: Any = None,
+                 api: KubeAPI | None = None) -> None:  # fmt: skip
+        """``api``: the node's own client, which asks the API server who a token is and what they may do."""
         self.node = node
+        self.gate = authz.Gate(api)
         self.networking = networking  # the agent's network.Networking (None without a pod network)
         self.port = port
         self.workers = workers  # the node's pod workers, read at each request
@@ -435,7 +435,7 @@ class NodeServer:
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.context.load_cert_chain(str(cert), str(key))
         self.context.load_verify_locations(str(ca))
-        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.context.verify_mode = ssl.CERT_OPTIONAL  # a certificate, or a bearer token instead
         self.httpd: _HTTPSServer | None = None
         self.thread: threading.Thread | None = None
 
