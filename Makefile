@@ -22,10 +22,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,lab,book]'
 	touch $@
 
-## system: the Debian packages the sandbox's pod network needs (iproute2, nftables, util-linux), where missing
+## system: the Debian packages the sandbox's pod network needs (iproute2, nftables, util-linux), and the
+## one that confines a trainee's kernel while it is graded (bubblewrap), where missing
 SYSTEM_TOOLS := ip:iproute2 nft:nftables unshare:util-linux setpriv:util-linux
+GRADING_TOOLS := bwrap:bubblewrap
 system:
 	@bash tests/apt-missing.sh "The sandbox's pod network needs" "until then pods share this machine's network" $(SYSTEM_TOOLS)
+	@bash tests/apt-missing.sh "Grading needs" "until then trainees' kernels are graded unconfined" $(GRADING_TOOLS)
 
 ## browser: what the browser tests need (tests/browser): headless Chromium and Node.js 20+ from Debian, where
 ## missing, and Playwright from the lock file (again when that changes)

@@ -35,6 +35,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +46,9 @@ from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
 from nbgrader.preprocessors import Execute, NbGraderPreprocessor
 
-from labkit.course import answers, scoring, transfer
+from labkit.course import answers, confine, scoring, transfer
 from labkit.course.gradebook import RESULTS_FILE, read_results
+from labkit.course.workspace import Workspace
 
 ROLES = ("kernel", "both", "grader")
 HIDDEN_TIMEOUT = 60  # seconds for the grader's short requests to the trainee's kernel
@@ -165,31 +167,56 @@ class GradingExecute(Execute):
         self.scores: dict[str, dict] = {}
         self.dead_at: str | None = None  # the cell in which the trainee's kernel died
         self.folder = Path(resources.get("metadata", {}).get("path") or ".")
-        namespace = self._make_namespace(info)
+        self.source_folder = self._source_path(info).parent
+        self.workspace = Workspace(info["assignment"], warn=self.log.warning)
         NotebookClient.__init__(self, nb, km)
         self.reset_execution_trackers()
         self._check_assign_resources(resources)
-        base = {**os.environ, "LABKIT_NAMESPACE": namespace, "LABKIT_GRADING": "1"}
         kernel = self.kernel_name or self.nb.metadata.get("kernelspec", {}).get("name") or "python3"
-        self.grader = GraderKernel(kernel, {**base, "LABKIT_GRADER": "1"}, self.timeout, self.startup_timeout, self.log)
         runs: dict = {}
         try:
-            with self.setup_kernel(env=base):
-                reply = self.wait_for_reply(self.kc.kernel_info())
-                self.nb.metadata["language_info"] = reply["content"]["language_info"]
-                for index, cell in enumerate(self.nb.cells):
-                    self.preprocess_cell(cell, resources, index)
-            runs = self.grader.value("__import__('labkit.course.scoring').course.scoring.finish(globals())") or {}
+            self.grader = GraderKernel(kernel, self.workspace.grader_env(), self.timeout, self.startup_timeout, self.log)
+            try:
+                with self.setup_kernel(env=self.workspace.trainee_env()):
+                    reply = self.wait_for_reply(self.kc.kernel_info())
+                    self.nb.metadata["language_info"] = reply["content"]["language_info"]
+                    for index, cell in enumerate(self.nb.cells):
+                        self.preprocess_cell(cell, resources, index)
+                runs = self.grader.value("__import__('labkit.course.scoring').course.scoring.finish(globals())") or {}
+            finally:
+                self.grader.close()
         finally:
-            self.grader.close()
-            self._delete_namespace(namespace)
+            self.workspace.close()
         self.set_widgets_metadata()
         self._write_results(runs)
         self.resources["labkit"] = {"flags": [f.as_dict() for f in self.flags]}
         return self.nb, self.resources
 
     def create_kernel_manager(self) -> Any:
-        return _over_socket_files(super().create_kernel_manager())
+        """The trainee's kernel's manager: confined (``labkit.course.confine``) where bubblewrap runs, talking over
+        socket files in the run's private folder."""
+        if not confine.unavailable():
+            self.kernel_manager_class = confine.ConfinedKernelManager
+        manager = super().create_kernel_manager()
+        if isinstance(manager, confine.ConfinedKernelManager):
+            manager.writable, manager.hidden = [self.folder, self.workspace.folder], self._out_of_sight()
+        manager.connection_file = str(self.workspace.folder / "kernel.json")
+        manager.transport, manager.ip = "ipc", str(self.workspace.folder / "kernel")
+        return manager
+
+    def _out_of_sight(self) -> list[Path]:
+        """What the trainee's kernel must not see: every sandbox's state (keys, admin kubeconfigs), the course root
+        (gradebook, other submissions), the source notebooks (hidden tests), Jupyter's runtime folder (other
+        kernels' keys); not where this Python or labkit lives, which the kernel runs from."""
+        from jupyter_core.paths import jupyter_runtime_dir
+        from nbgrader.coursedir import CourseDirectory
+
+        from labkit.paths import sandboxes_root
+
+        needed = [Path(sys.prefix).resolve(), Path(__file__).resolve().parents[1]]
+        folders = [sandboxes_root(), Path(CourseDirectory(config=self.config).root), self.source_folder,
+                   Path(jupyter_runtime_dir())]  # fmt: skip
+        return [f for f in folders if not any(n == f.resolve() or f.resolve() in n.parents for n in needed)]
 
     # -- cells ------------------------------------------------------------------------------------
 
@@ -235,7 +262,7 @@ class GradingExecute(Execute):
             cell.outputs.append(nbformat.v4.new_output("error", ename="DeadKernelError", evalue="the kernel died",
                                                        traceback=["The notebook's kernel exited here."]))  # fmt: skip
 
-    def _hidden(self, code: str, index: int) -> str:
+    def _in_kernel_aside(self, code: str, index: int) -> str:
         """Run ``code`` in the trainee's kernel, outside the notebook; what it printed ("" if the kernel is gone)."""
         if self.dead_at is not None:
             return ""
@@ -261,7 +288,7 @@ class GradingExecute(Execute):
         names = transfer.assigned(source)
         packed = self.grader.value(f"__import__('labkit.course.transfer').course.transfer.pack(globals(), {names!r})")
         if packed:
-            self._hidden(f"__import__('labkit.course.transfer').course.transfer.unpack({packed!r}, globals())", index)
+            self._in_kernel_aside(f"__import__('labkit.course.transfer').course.transfer.unpack({packed!r}, globals())", index)
 
     def _grade(self, cell: nbformat.NotebookNode, role: Role, resources: Any, index: int) -> None:
         grade_id = cell.metadata["nbgrader"]["grade_id"]
@@ -270,7 +297,7 @@ class GradingExecute(Execute):
         self.nb.cells[index] = cell  # the graded cell keeps the grader's outputs, not the kernel's run of it
         kernel_passed = self.dead_at is None and not _errors(in_kernel.outputs)
         code, mark = answers.export_code(answers.names_in(role.source))
-        given = answers.read(self._hidden(code, index), mark) or "{}"
+        given = answers.read(self._in_kernel_aside(code, index), mark) or "{}"
         self.flags += [Flag(problem, grade_id) for problem in answers.problems(answers.decode(given))]
         outputs = self.grader.run("__import__('labkit.course.scoring').course.scoring.grade("
                                   f"{role.source!r}, {role.points!r}, {grade_id!r}, {given!r}, globals())")  # fmt: skip
@@ -289,34 +316,15 @@ class GradingExecute(Execute):
 
     # -- the run's namespace and record -----------------------------------------------------------------
 
-    def _source_notebook(self, info: dict) -> nbformat.NotebookNode:
+    def _source_path(self, info: dict) -> Path:
         from nbgrader.coursedir import CourseDirectory
 
         coursedir = CourseDirectory(config=self.config)
         folder = Path(coursedir.format_path(coursedir.source_directory, ".", info["assignment"]))
-        return nbformat.read(folder / f"{info['notebook']}.ipynb", as_version=4)
+        return folder / f"{info['notebook']}.ipynb"
 
-    def _make_namespace(self, info: dict) -> str:
-        """The namespace this run of the submission works in (both kernels), labelled as a lab's."""
-        from labkit.kube.config import connect
-        from labkit.lab import LAB_LABEL, RUN_LABEL, slug
-
-        self.cluster = connect(say=lambda _: None)
-        run = secrets.token_hex(3)
-        name = f"{slug(info['assignment'])[:40]}-g{run}"
-        body = {"apiVersion": "v1", "kind": "Namespace",
-                "metadata": {"name": name, "labels": {LAB_LABEL: slug(info["assignment"]), RUN_LABEL: run,
-                                                      "labkit.io/graded": "true"}}}  # fmt: skip
-        self.cluster.request("POST", "/api/v1/namespaces", body)
-        return name
-
-    def _delete_namespace(self, name: str) -> None:
-        from labkit.errors import LabkitError
-
-        try:
-            self.cluster.request("DELETE", f"/api/v1/namespaces/{name}")
-        except LabkitError as exc:
-            self.log.warning("The grading namespace %s could not be deleted: %s", name, exc)
+    def _source_notebook(self, info: dict) -> nbformat.NotebookNode:
+        return nbformat.read(self._source_path(info), as_version=4)
 
     def _write_results(self, runs: dict) -> None:
         """The grader's record beside the graded notebook, in place of any the notebook wrote: the measurements
@@ -329,7 +337,8 @@ class GradingExecute(Execute):
         if theirs - ours:
             self.flags.append(Flag(f"the notebook wrote {len(theirs - ours)} measurement(s) of its own to {RESULTS_FILE}; "
                                    "the graded figures are the grader's"))  # fmt: skip
-        record = {"runs": runs, "grading": {"tasks": self.scores, "flags": [f.as_dict() for f in self.flags]}}
+        record = {"runs": runs, "grading": {"tasks": self.scores, "flags": [f.as_dict() for f in self.flags],
+                                            "confined": not confine.unavailable()}}  # fmt: skip
         try:
             path.write_text(json.dumps(record, indent=2))
         except OSError as exc:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from labkit.course import release
+from labkit.course import confine, release
 from labkit.course.gradebook import Result
 from labkit.errors import LabkitError
 
@@ -85,6 +85,9 @@ def autograde(course: Course, lab: str, paths: list[Path] | None = None, *, clus
     if alone:
         say(f"{lab} {alone}: its submissions are graded one at a time.")
         parallel = 1
+    unconfined = confine.unavailable()
+    if unconfined:
+        say(f"the trainees' kernels run unconfined, as the grading user, on this machine: {unconfined}")
     results = []
     with grading_cluster(cluster, keep=keep, say=say):
         say(f"grading {len(students)} submission{'s' if len(students) > 1 else ''} of {lab}"

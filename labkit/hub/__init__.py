@@ -14,6 +14,8 @@ import json
 import re
 from pathlib import Path
 
+import yaml
+
 from labkit.errors import LabkitError
 
 TEMPLATES = Path(__file__).parent
@@ -38,3 +40,18 @@ def manifests(trainees: list[str], prefix: str = "lab-") -> str:
     subjects = json.dumps([{"kind": "ServiceAccount", "name": "trainee", "namespace": n} for n in namespaces])
     documents.append((TEMPLATES / "class.yaml").read_text().replace("SUBJECTS", subjects))  # JSON is YAML
     return "---\n".join(documents)
+
+
+def account(namespace: str, *, suffix: str) -> list[dict]:
+    """What one trainee's namespace holds and may reach, as objects, for a namespace that exists already (a
+    grading run's): the ServiceAccount ``trainee``, its Role and quota from ``trainee.yaml``, and the class's read
+    access from ``class.yaml`` bound to it alone, under names ending in ``suffix`` (runs at once never share
+    a binding)."""
+    template = (TEMPLATES / "trainee.yaml").read_text().replace("NAMESPACE", namespace)
+    objects = [o for o in yaml.safe_load_all(template) if o and o["kind"] != "Namespace"]
+    subjects = json.dumps([{"kind": "ServiceAccount", "name": "trainee", "namespace": namespace}])
+    for obj in yaml.safe_load_all((TEMPLATES / "class.yaml").read_text().replace("SUBJECTS", subjects)):
+        if obj and obj["kind"].endswith("Binding"):
+            obj["metadata"]["name"] += f"-{suffix}"
+        objects.append(obj)
+    return objects

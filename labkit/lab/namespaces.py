@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from labkit.errors import LabkitError
-from labkit.kube.errors import Forbidden
+from labkit.kube.errors import Forbidden, NotFound
 from labkit.lab.nodes import LOST_NODES
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def make(cluster: Cluster, slug: str, run_id: str) -> tuple[str, bool]:
     """The namespace the run works in, and whether it is shared (one the lab did not make)."""
     given = os.environ.get("LABKIT_NAMESPACE", "").strip()
     if given:  # a namespace made for this run (a grading run's): work in it, as in a trainee's own
-        if cluster.get(f"/api/v1/namespaces/{given}") is None:
+        if not alive(cluster, given):
             raise LabkitError(f"$LABKIT_NAMESPACE names {given}, which does not exist.",
                               hint="Unset it to let the lab make a namespace of its own.")  # fmt: skip
         return given, True
@@ -55,6 +55,23 @@ def make(cluster: Cluster, slug: str, run_id: str) -> tuple[str, bool]:
                               hint="The cluster's controller manager may be down: `kubectl get --raw /readyz`.")  # fmt: skip
         time.sleep(0.02)
     return name, False
+
+
+def alive(cluster: Cluster, namespace: str) -> bool:
+    """Whether ``namespace`` exists and is not being deleted. An account that may not read namespaces (a trainee's)
+    asks for its pods instead: the API refuses a list in a namespace that is gone (an account that may not list
+    pods there either is taken at its word)."""
+    try:
+        found = cluster.get(f"/api/v1/namespaces/{namespace}")
+        return found is not None and "deletionTimestamp" not in found["metadata"]
+    except Forbidden:
+        try:
+            cluster.request("GET", f"/api/v1/namespaces/{namespace}/pods", query={"limit": "1"})
+        except NotFound:
+            return False
+        except Forbidden:
+            pass
+        return True
 
 
 def sweep(cluster: Cluster) -> None:

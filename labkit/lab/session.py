@@ -97,8 +97,7 @@ class Lab:
     # -- the namespace ----------------------------------------------------------------------
 
     def namespace_alive(self) -> bool:
-        ns = self.cluster.get(f"/api/v1/namespaces/{self.namespace}")
-        return ns is not None and "deletionTimestamp" not in ns["metadata"]
+        return namespaces.alive(self.cluster, self.namespace)
 
     def close(self, quiet: bool = False) -> None:
         """End the lab: its watches stop and its namespace (or, in a shared one, what it made) is deleted."""
