@@ -98,3 +98,33 @@ LAB01 = {
     "fake-results": {"task1-answer": FAKE_RESULTS},
     "exits-kernel": {"task1-answer": EXITS_KERNEL},
 }
+
+# Out of the kernel: the answer key, the grading cluster's admin credentials, the gradebook, another trainee's
+# namespace, this machine's software, and a process left to act after grading. What it manages is printed.
+ESCAPES = '''
+import glob, json, subprocess, sys
+from pathlib import Path
+from labkit.course.root import REPOSITORY
+from labkit.paths import sandboxes_root
+
+def attempt(action):
+    try:
+        return action() or "done"
+    except Exception as exc:
+        return f"blocked ({type(exc).__name__})"
+
+report = {}
+source = REPOSITORY / "notebooks" / "01-deploy-and-scale" / "deploy-and-scale.ipynb"
+report["read the hidden tests"] = attempt(lambda: "read" if "HIDDEN TESTS" in source.read_text() else "no tests in it")
+report["read an admin kubeconfig"] = attempt(lambda: [open(p).read() and "read" for p in glob.glob(str(sandboxes_root() / "*" / "kubeconfig"))][0])
+course = Path.cwd().parents[2]
+report["write beside the gradebook"] = attempt(lambda: (course / "forged.txt").write_text("x") and "written")
+report["write into this Python"] = attempt(lambda: (Path(sys.prefix) / "forged.pth").write_text("") and "written")
+from labkit.kube.config import connect
+report["list another namespace"] = attempt(lambda: connect().request("GET", "/api/v1/namespaces/default/pods") and "listed")
+late = Path.cwd() / "late.txt"  # its own folder: it may write there, but only while its kernel lives
+subprocess.Popen(["sh", "-c", f"while true; do date +%s%N > {late}; sleep 0.5; done"], start_new_session=True)
+print("ESCAPES " + json.dumps(report))
+store_component = placement_component = "no idea"
+ready_nodes = 0
+'''

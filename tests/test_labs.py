@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -202,8 +203,9 @@ def test_autograding_scores_only_what_each_submission_did(course: Course, tmp_pa
         # Task 2 half done: the Deployment, without its probe, configuration or requests.
         "partial": {"task1-answer": task1, "task2-answer": PARTIAL_TASK2},
     }  # fmt: skip
+    escapes = {"escapes": {"task1-answer": forgeries.ESCAPES}}
     submissions = [_submission(course, tmp_path, lab, student, answers)
-                   for student, answers in {**honest, **forgeries.LAB01}.items()]  # fmt: skip
+                   for student, answers in {**honest, **forgeries.LAB01, **escapes}.items()]  # fmt: skip
     log: list[str] = []
     results = {r.student: r for r in course.autograde(lab, submissions, parallel=2, say=log.append)}
     scores = {s: r.score for s, r in results.items()}
@@ -219,8 +221,22 @@ def test_autograding_scores_only_what_each_submission_did(course: Course, tmp_pa
     assert any("kernel exited during task1-answer" in f for f in results["exits-kernel"].flags)
     assert any("wrote 1 measurement(s) of its own" in f for f in results["fake-results"].flags)
     assert results["raises"].failed == ["task2-check", "task3-check", "task4-check", "task5-check"]
-    assert "grading 11 submissions of 01-deploy-and-scale, 2 at a time..." in log
-    assert sorted(line.split("]")[0] for line in log if line.startswith("[")) == sorted(f"[{n}/11" for n in range(1, 12))
+    assert "grading 12 submissions of 01-deploy-and-scale, 2 at a time..." in log
+    assert sorted(line.split("]")[0] for line in log if line.startswith("[")) == sorted(f"[{n}/12" for n in range(1, 13))
+    # The trainee's kernel ran as the trainee's account, confined: no answer key, no admin credentials, nothing
+    # written outside its folder, no other namespace, and nothing it started outlived it.
+    assert scores["escapes"] == 0
+    escaped = nbformat.read(course.root / "autograded" / "escapes" / lab / notebook, as_version=4)
+    report = next(json.loads(line.split(" ", 1)[1]) for c in escaped.cells for o in c.get("outputs", [])
+                  for line in o.get("text", "").splitlines() if line.startswith("ESCAPES "))  # fmt: skip
+    assert all(report[key].startswith("blocked") for key in ("read the hidden tests", "read an admin kubeconfig",
+                                                             "write into this Python", "list another namespace")), report
+    assert not (course.root / "forged.txt").exists(), "the kernel wrote into the course root"
+    late = course.root / "autograded" / "escapes" / lab / "late.txt"
+    assert late.exists(), "its process never ran, so this proves nothing"
+    last = late.read_text()
+    time.sleep(2)
+    assert late.read_text() == last, "a process the trainee's kernel started outlived it"
     assert any(line.startswith("[") and "replaced-checks: 0/13" in line and "FLAGGED" in line for line in log)
     # The run's own grading sandbox is gone with it.
     assert not [s.name for s in all_sandboxes() if s.name.startswith(GRADING_SANDBOX)]
