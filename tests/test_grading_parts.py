@@ -110,3 +110,19 @@ def test_what_counts_as_a_check() -> None:
         "if a:\n    checks.answer('a', 1)": True, "def f():\n    assert x": False,
     }  # fmt: skip
     assert {text: scoring.is_check(ast.parse(text).body[0]) for text in kinds} == kinds
+
+
+def test_every_glyph_labkit_shows_is_in_the_fonts_a_debian_image_has() -> None:
+    # What a notebook page shows (status lines, checks, tallies, tables) must not turn into empty boxes where
+    # only Debian's DejaVu fonts are installed (JupyterHub and Binder images, CI).
+    import re
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("fc-list") is None:
+        pytest.skip("fontconfig's fc-list is not installed")
+    package = Path(__file__).resolve().parents[1] / "labkit"
+    glyphs = {ch for path in package.rglob("*.py") for ch in re.findall(r"[^\x00-\x7f]", path.read_text())}
+    missing = [ch for ch in sorted(glyphs) if "DejaVu" not in subprocess.run(
+        ["fc-list", f":charset={ord(ch):x}", "family"], capture_output=True, text=True).stdout]  # fmt: skip
+    assert glyphs and not missing, f"no DejaVu font has {missing} ({[hex(ord(c)) for c in missing]})"
