@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import secrets
 import shutil
 import sys
@@ -105,14 +104,11 @@ def _text(outputs: list) -> str:
     return "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
 
 
-def _over_socket_files(manager: Any) -> Any:
-    """A kernel manager whose kernel talks over socket files in Jupyter's private runtime folder (only their owner
-    can open them), not over ports on loopback that any local process could try."""
-    from jupyter_core.paths import jupyter_runtime_dir
-
-    os.makedirs(jupyter_runtime_dir(), mode=0o700, exist_ok=True)
-    manager.transport = "ipc"
-    manager.ip = os.path.join(jupyter_runtime_dir(), f"labkit-kernel-{secrets.token_hex(6)}")
+def _over_socket_files(manager: Any, folder: Path) -> Any:
+    """A kernel manager whose kernel keeps its connection file and talks over socket files in ``folder`` (a private
+    one: only its owner can open them, and the other kernel of the run does not see it), not over loopback ports."""
+    manager.connection_file = str(folder / "kernel.json")
+    manager.transport, manager.ip = "ipc", str(folder / "kernel")
     return manager
 
 
@@ -128,7 +124,7 @@ class GraderKernel:
         self.client = NotebookClient(self.notebook, timeout=timeout, startup_timeout=startup_timeout, log=log,
                                      kernel_name=kernel_name, allow_errors=True,
                                      resources={"metadata": {"path": str(self.home)}})  # fmt: skip
-        self.client.km = _over_socket_files(self.client.create_kernel_manager())
+        self.client.km = _over_socket_files(self.client.create_kernel_manager(), self.home)
         self.client.start_new_kernel(env=env)
         self.client.start_new_kernel_client()
 
@@ -200,9 +196,7 @@ class GradingExecute(Execute):
         manager = super().create_kernel_manager()
         if isinstance(manager, confine.ConfinedKernelManager):
             manager.writable, manager.hidden = [self.folder, self.workspace.folder], self._out_of_sight()
-        manager.connection_file = str(self.workspace.folder / "kernel.json")
-        manager.transport, manager.ip = "ipc", str(self.workspace.folder / "kernel")
-        return manager
+        return _over_socket_files(manager, self.workspace.folder)
 
     def _out_of_sight(self) -> list[Path]:
         """What the trainee's kernel must not see: every sandbox's state (keys, admin kubeconfigs), the course root
