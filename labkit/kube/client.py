@@ -60,11 +60,20 @@ class KubeAPI:
         with self._pool_lock:
             conn = self._idle.pop() if self._idle else None
         if conn is None:
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.context)
+            return self._new_connection(timeout)
         conn.timeout = timeout
         if conn.sock is not None:
             conn.sock.settimeout(timeout)
         return conn
+
+    def _new_connection(self, timeout: float) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.context)
+
+    def _drop_idle(self) -> None:
+        with self._pool_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     def _release(self, conn: http.client.HTTPSConnection) -> None:
         with self._pool_lock:
@@ -86,21 +95,24 @@ class KubeAPI:
 
     def send(self, method: str, path: str, body: dict | bytes | None = None, *, content_type: str = "application/json",
              query: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, bytes]:  # fmt: skip
-        """One request, whatever the answer: its status and body. A dead connection is retried once."""
+        """One request, whatever the answer: its status and body. A kept-alive connection the server had closed
+        (it closes idle ones after a while) is retried once, on a new connection: the other idle ones are as old,
+        and are dropped too."""
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         headers = self.headers("application/json, */*")
         if data is not None:
             headers["Content-Type"] = content_type
         target = self.prefix + self._target(path, query)
         for attempt in (1, 2):
-            conn = self._connection(timeout)
+            conn = self._connection(timeout) if attempt == 1 else self._new_connection(timeout)
             try:
                 conn.request(method, target, body=data, headers=headers)
                 response = conn.getresponse()
                 answer = response.read()
                 break
             except (http.client.HTTPException, ConnectionError, ssl.SSLError) as exc:
-                conn.close()  # a kept-alive connection the server closed: once more on a fresh one
+                conn.close()
+                self._drop_idle()
                 if attempt == 2:
                     raise Unreachable(f"The API server at {self.server} does not answer ({method} {path}: {exc}).") from exc
             except OSError as exc:

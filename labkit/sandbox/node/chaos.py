@@ -47,7 +47,7 @@ from typing import Callable
 from labkit.kube import chaosmesh
 from labkit.kube.chaosmesh import FINALIZER
 from labkit.kube.client import MERGE_PATCH, STRATEGIC_MERGE_PATCH, KubeAPI
-from labkit.kube.errors import APIError
+from labkit.kube.errors import APIError, Unreachable
 from labkit.kube.events import api_time, component_event
 from labkit.kube.quantity import duration_seconds, parse as parse_quantity, rate_bits
 from labkit.kube.watch import ListWatch
@@ -144,6 +144,10 @@ class ChaosController(threading.Thread):
                 if obj is not None:
                     self._reconcile(obj)
                 self._expire()
+            except Unreachable as exc:  # the API server away for a moment: that change is reconciled again
+                self.log(f"chaos controller: {exc}; trying again")
+                if obj is not None:
+                    threading.Timer(1.0, self.changes.put, args=(obj,)).start()
             except Exception:  # noqa: BLE001 - one bad experiment never ends the controller
                 self.log(f"chaos controller: {traceback.format_exc()}")
         for run in list(self.runs.values()):  # the agent stops: its faults go with it
