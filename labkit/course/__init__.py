@@ -5,7 +5,9 @@
 * ``release``: the student version out, submissions in, feedback back;
 * ``grade``: autograding a cohort on a grading cluster of the run's own;
 * ``execute``, ``scoring``, ``answers``, ``transfer``: how one submission is run and
-  scored outside the trainee's kernel, so that its grade cannot be forged;
+  scored outside the trainee's kernel, so that its grade cannot be forged; ``workspace``
+  and ``confine``: where the trainee's kernel works (a namespace, as a trainee's account)
+  and what it may touch on the grading machine (under bubblewrap);
 * ``gradebook``: the scores and the grader's flags; ``reports``: the cohort's
   times to detect and recover.
 """
