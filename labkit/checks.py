@@ -144,6 +144,21 @@ def deployment(lab: Any, name: str, *, replicas: int | None = None, image: str |
     passed(f"deployment {name}: {want} replicas" + (f", image {image}" if image else "") + (", all ready" if ready else ""))
 
 
+def scaled(lab: Any, name: str, *, from_replicas: int, to: int, wait: float = 30) -> None:
+    """Deployment ``name`` was scaled from ``from_replicas`` to ``to`` (its controller's Events say so, as ``kubectl
+    describe`` shows them) and now runs ``to`` replicas, all ready."""
+    step = "down" if to < from_replicas else "up"
+    said = [e for e in lab.event_list() if e.get("reason") == "ScalingReplicaSet"
+            and f"Scaled {step} replica set {name}-" in (e.get("message") or "")
+            and f"from {from_replicas} to {to}" in (e.get("message") or "")]  # fmt: skip
+    if not said:
+        _fail(f"Deployment {name} was never scaled {'in' if step == 'down' else 'out'} from {from_replicas} to {to} "
+              "replicas: its Events show no such step.",
+              f"Scale it to {from_replicas} first, then to {to}: "
+              f"`lab.kubectl('scale deployment {name} --replicas={to}')`.")  # fmt: skip
+    deployment(lab, name, replicas=to, wait=wait)
+
+
 def configmap(lab: Any, name: str, *, keys: tuple[str, ...] | list[str] = (), values: dict[str, str] | None = None) -> None:
     """ConfigMap ``name`` exists and holds ``keys`` (and those of ``values``, with those values)."""
     obj = _object(lab, f"configmap/{name}", f"Apply a ConfigMap named {name!r}.")

@@ -362,7 +362,9 @@ def test_the_command_line_grades_and_reports(course: Course, cluster: Sandbox, t
     feedback = subprocess.run([sys.executable, "-m", "labkit", "course", "feedback", lab], capture_output=True,
                               text=True, env=env, timeout=300)  # fmt: skip
     assert feedback.returncode == 0, feedback.stderr
-    assert (course.root / "feedback" / "dana" / lab / "deploy-and-scale.html").exists()
+    page = (course.root / "feedback" / "dana" / lab / "deploy-and-scale.html").read_text()
+    # The feedback page shows each task's points and every check it missed, with its hint.
+    assert "0 of 3 points" in page and "✘" in page and "has no answer yet" in page
     unknown = subprocess.run([sys.executable, "-m", "labkit", "course", "release", "99"], capture_output=True, text=True,
                              env=env, timeout=120)  # fmt: skip
     assert unknown.returncode == 1 and "There is no lab '99'" in unknown.stderr and "Traceback" not in unknown.stderr
