@@ -204,8 +204,11 @@ def test_autograding_scores_only_what_each_submission_did(course: Course, tmp_pa
         "partial": {"task1-answer": task1, "task2-answer": PARTIAL_TASK2},
     }  # fmt: skip
     escapes = {"escapes": {"task1-answer": forgeries.ESCAPES}}
+    # Every task but one done: that task earns nothing from what the others did.
+    but_one = {f"without-{task}": {k: v for k, v in solutions.items() if k != f"{task}-answer"}
+               for task in ("task1", "task2", "task3", "task4", "task5")}  # fmt: skip
     submissions = [_submission(course, tmp_path, lab, student, answers)
-                   for student, answers in {**honest, **forgeries.LAB01, **escapes}.items()]  # fmt: skip
+                   for student, answers in {**honest, **forgeries.LAB01, **escapes, **but_one}.items()]  # fmt: skip
     log: list[str] = []
     results = {r.student: r for r in course.autograde(lab, submissions, parallel=2, say=log.append)}
     scores = {s: r.score for s, r in results.items()}
@@ -221,8 +224,11 @@ def test_autograding_scores_only_what_each_submission_did(course: Course, tmp_pa
     assert any("kernel exited during task1-answer" in f for f in results["exits-kernel"].flags)
     assert any("wrote 1 measurement(s) of its own" in f for f in results["fake-results"].flags)
     assert results["raises"].failed == ["task2-check", "task3-check", "task4-check", "task5-check"]
-    assert "grading 12 submissions of 01-deploy-and-scale, 2 at a time..." in log
-    assert sorted(line.split("]")[0] for line in log if line.startswith("[")) == sorted(f"[{n}/12" for n in range(1, 13))
+    assert "grading 17 submissions of 01-deploy-and-scale, 2 at a time..." in log
+    assert sorted(line.split("]")[0] for line in log if line.startswith("[")) == sorted(f"[{n}/17" for n in range(1, 18))
+    for student in but_one:
+        task = student.removeprefix("without-") + "-check"
+        assert {t.name: t.score for t in results[student].tasks}[task] == 0, (student, results[student].tasks)
     # The trainee's kernel ran as the trainee's account, confined: no answer key, no admin credentials, nothing
     # written outside its folder, no other namespace, and nothing it started outlived it.
     assert scores["escapes"] == 0
