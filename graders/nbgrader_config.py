@@ -25,3 +25,10 @@ c.ExecutePreprocessor.startup_timeout = 120
 # The stub a trainee sees in place of a solution.
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
 c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
+
+# Grading outside the trainee's kernel (labkit.course.execute): nbgrader's Execute step is replaced by labkit's,
+# which runs the instructor's checks in a grader kernel of its own. `labkit course` sets this too; it is here so
+# that nbgrader run by hand (`nbgrader autograde`, the formgrader) grades the same way.
+from labkit.course.execute import autograde_preprocessors  # noqa: E402
+
+c.Autograde.autograde_preprocessors = autograde_preprocessors()
