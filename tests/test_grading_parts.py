@@ -126,3 +126,37 @@ def test_every_glyph_labkit_shows_is_in_the_fonts_a_debian_image_has() -> None:
     missing = [ch for ch in sorted(glyphs) if "DejaVu" not in subprocess.run(
         ["fc-list", f":charset={ord(ch):x}", "family"], capture_output=True, text=True).stdout]  # fmt: skip
     assert glyphs and not missing, f"no DejaVu font has {missing} ({[hex(ord(c)) for c in missing]})"
+
+
+def test_a_confined_kernel_sees_this_machine_read_only_and_not_what_is_hidden(monkeypatch) -> None:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from labkit.course import confine
+
+    if confine.unavailable():
+        pytest.skip(confine.unavailable())
+    place = Path(tempfile.mkdtemp(dir=Path(__file__).resolve().parents[1]))  # outside /tmp, which it sees anew
+    try:
+        secret, mine = place / "secret", place / "mine"
+        for folder in (secret, mine):
+            folder.mkdir()
+        (secret / "key").write_text("s3cret")
+        script = ("import os, pathlib\n"
+                  f"print(sorted(os.listdir({str(secret)!r})))\n"
+                  f"pathlib.Path({str(mine)!r}, 'note').write_text('ok')\n"
+                  f"try:\n    pathlib.Path({str(place)!r}, 'outside').write_text('no')\nexcept OSError as exc:\n"
+                  "    print(type(exc).__name__)\n"
+                  "print(os.getpid())")  # fmt: skip
+        done = subprocess.run(confine.command([sys.executable, "-c", script], writable=[mine], hidden=[secret]),
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        listing, refused, pid = done.stdout.split("\n")[:3]
+        assert listing == "[]" and refused == "OSError" and int(pid) < 10  # hidden; read-only; a PID namespace
+        assert (mine / "note").read_text() == "ok" and not (place / "outside").exists()
+    finally:
+        shutil.rmtree(place)
+    # Where bubblewrap is missing, grading says why instead.
+    monkeypatch.setattr(confine.shutil, "which", lambda name: None)
+    assert "bubblewrap (bwrap) is not installed" in confine.unavailable.__wrapped__()
