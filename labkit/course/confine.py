@@ -49,8 +49,8 @@ def command(argv: list[str], *, writable: list[Path], hidden: list[Path]) -> lis
             "--unshare-pid", "--unshare-ipc", "--unshare-user", "--uid", str(os.getuid()), "--gid", str(os.getgid()),
             "--cap-drop", "ALL", "--die-with-parent",  # jupyter starts kernels in a session of their own already
             # Inside, the kernel's parent is the namespace's init, pid 1, which ipykernel would read as its parent's
-            # death: bubblewrap's --die-with-parent watches for that instead.
-            "--unsetenv", "JPY_PARENT_PID"]  # fmt: skip
+            # death; told its parent is pid 1, it leaves the watch to bubblewrap's --die-with-parent.
+            "--setenv", "JPY_PARENT_PID", "1"]  # fmt: skip
     for folder in hidden:
         if folder.is_dir():
             line += ["--tmpfs", str(folder.resolve())]
