@@ -19,7 +19,9 @@ same namespace of the grading cluster, with the grader's own credentials:
   grader's output and score replace the kernel's.
 
 Roles come from the instructor's source notebook, never from the submission. A
-grade therefore depends only on the cluster's state and the answers' values.
+grade therefore depends only on the cluster's state and the answers' values. The
+trainee's kernel works in a namespace made for the run, as a trainee's account
+there (``labkit.course.workspace``), confined on this machine (``labkit.course.confine``).
 The grader notes what it saw for the instructor (``flags``): a check that passed
 in the trainee's kernel and not in the grader's, an answer that was an object,
 a kernel that exited, a results file the notebook wrote itself. ``FlagCells``
@@ -36,7 +38,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
