@@ -200,10 +200,15 @@ def test_a_deleted_namespace_is_explained_and_starting_again_recovers(lab: Lab, 
 
 def test_an_interrupted_wait_says_what_happened_and_the_next_call_works(lab: Lab) -> None:
     lab.apply(WEB.replace("IMAGE", "3.0"))  # never ready: the wait would go on
-    main = threading.get_ident()
-    threading.Timer(1.5, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
-    with pytest.raises(labkit.LabkitError, match="Interrupted while waiting for deployment/web") as stopped:
-        lab.wait_ready("deployment/web", timeout=60)
+    # The stop button is a SIGINT, as a kernel gets it (a shell may have started this process ignoring it).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        main = threading.get_ident()
+        threading.Timer(1.5, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+        with pytest.raises(labkit.LabkitError, match="Interrupted while waiting for deployment/web") as stopped:
+            lab.wait_ready("deployment/web", timeout=60)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert "wait_ready" in stopped.value.hint
     lab.apply(WEB.replace("IMAGE", "1.0"))
     lab.wait_ready("deployment/web", timeout=60)

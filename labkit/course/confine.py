@@ -5,11 +5,12 @@ bubblewrap (``bwrap``, Debian's ``bubblewrap``) its kernel runs in namespaces of
 its own, as a sandbox for untrusted code does:
 
 * the filesystem read-only, but for the submission's own folder and the kernel's
-  private folder (its connection file, sockets, home, ``/tmp``);
+  private folder (its connection file, sockets, home, temporary files: ``$TMPDIR``);
 * out of sight (empty): the sandboxes' state (their keys and admin kubeconfigs), the
   course root (the gradebook, the source notebooks with their hidden tests, other
   trainees' submissions), the source notebooks' folder, and Jupyter's runtime folder
-  (the other kernels' keys);
+  (the other kernels' keys, and the private folders of every kernel of every graded
+  run: ``private_folder``);
 * a PID namespace of its own, which goes with the kernel: nothing it starts outlives
   it; no capabilities and no new privileges, even as root.
 
@@ -25,6 +26,7 @@ import functools
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,16 @@ from jupyter_client.manager import AsyncKernelManager
 
 
 @functools.lru_cache(maxsize=1)
+def private_folder(prefix: str) -> Path:
+    """A new folder only this user may open, under Jupyter's runtime folder (which a confined kernel does not see):
+    for a kernel of a graded run, its connection file, sockets, home and temporary files."""
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    parent = Path(jupyter_runtime_dir()) / "labkit"
+    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
 def unavailable() -> str:
     """Why kernels cannot be confined here ("" when they can): bubblewrap missing, or failing to start."""
     bwrap = shutil.which("bwrap")
@@ -45,7 +57,7 @@ def unavailable() -> str:
 
 def command(argv: list[str], *, writable: list[Path], hidden: list[Path]) -> list[str]:
     """``argv`` under bubblewrap: everything read-only, ``hidden`` folders empty, ``writable`` ones as they are."""
-    line = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+    line = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
             "--unshare-pid", "--unshare-ipc", "--unshare-user", "--uid", str(os.getuid()), "--gid", str(os.getgid()),
             "--cap-drop", "ALL", "--die-with-parent",  # jupyter starts kernels in a session of their own already
             # Inside, the kernel's parent is the namespace's init, pid 1, which ipykernel would read as its parent's

@@ -37,7 +37,6 @@ import json
 import secrets
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +118,7 @@ class GraderKernel:
     submission brought can be imported there), running only the instructor's code."""
 
     def __init__(self, kernel_name: str, env: dict[str, str], timeout: int | None, startup_timeout: int, log: Any) -> None:
-        self.home = Path(tempfile.mkdtemp(prefix="labkit-grader-"))
+        self.home = confine.private_folder("grader-")
         (self.home / "ipython").mkdir()
         self.notebook = nbformat.v4.new_notebook()
         env = {**env, "IPYTHONDIR": str(self.home / "ipython"), "PYTHONNOUSERSITE": "1", "PYTHONSAFEPATH": "1"}
@@ -203,7 +202,8 @@ class GradingExecute(Execute):
     def _out_of_sight(self) -> list[Path]:
         """What the trainee's kernel must not see: every sandbox's state (keys, admin kubeconfigs), the course root
         (gradebook, other submissions), the source notebooks (hidden tests), Jupyter's runtime folder (other
-        kernels' keys); not where this Python or labkit lives, which the kernel runs from."""
+        kernels' keys) and the graded kernels' private folders; not where this Python or labkit lives, which the
+        kernel runs from."""
         from jupyter_core.paths import jupyter_runtime_dir
         from nbgrader.coursedir import CourseDirectory
 
@@ -211,7 +211,7 @@ class GradingExecute(Execute):
 
         needed = [Path(sys.prefix).resolve(), Path(__file__).resolve().parents[1]]
         folders = [sandboxes_root(), Path(CourseDirectory(config=self.config).root), self.source_folder,
-                   Path(jupyter_runtime_dir())]  # fmt: skip
+                   Path(jupyter_runtime_dir()), self.grader.home.parent]  # fmt: skip
         return [f for f in folders if not any(n == f.resolve() or f.resolve() in n.parents for n in needed)]
 
     # -- cells ------------------------------------------------------------------------------------

@@ -17,13 +17,13 @@ import base64
 import os
 import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
 from labkit import hub
+from labkit.course import confine
 from labkit.errors import LabkitError
 from labkit.kube.client import APPLY_PATCH
 from labkit.kube.config import Cluster, connect
@@ -42,8 +42,9 @@ class Workspace:
         self.cluster: Cluster = connect(say=lambda _: None)
         self.run = secrets.token_hex(3)
         self.namespace = f"{slug(lab)[:40]}-g{self.run}"
-        self.folder = Path(tempfile.mkdtemp(prefix="labkit-trainee-"))
-        (self.folder / "home").mkdir()
+        self.folder = confine.private_folder("trainee-")
+        for name in ("home", "tmp"):
+            (self.folder / name).mkdir()
         self.cleanup: list[str] = [f"/api/v1/namespaces/{self.namespace}"]
         body = {"apiVersion": "v1", "kind": "Namespace",
                 "metadata": {"name": self.namespace, "labels": {LAB_LABEL: slug(lab), RUN_LABEL: self.run,
@@ -91,7 +92,7 @@ class Workspace:
         """The trainee's kernel's environment: its account's kubeconfig, the namespace, a home of its own."""
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "LABKIT_CLUSTER": "kubeconfig",
                 "LABKIT_NAMESPACE": self.namespace, "LABKIT_GRADING": "1", "HOME": str(self.folder / "home"),
-                "IPYTHONDIR": str(self.folder / "home" / ".ipython")}  # fmt: skip
+                "IPYTHONDIR": str(self.folder / "home" / ".ipython"), "TMPDIR": str(self.folder / "tmp")}  # fmt: skip
 
     def grader_env(self) -> dict[str, str]:
         """The grader's kernel's: the grading cluster's own credentials, the same namespace."""
