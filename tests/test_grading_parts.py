@@ -159,4 +159,4 @@ def test_a_confined_kernel_sees_this_machine_read_only_and_not_what_is_hidden(mo
         shutil.rmtree(place)
     # Where bubblewrap is missing, grading says why instead.
     monkeypatch.setattr(confine.shutil, "which", lambda name: None)
-    assert "bubblewrap (bwrap) is not installed" in confine.unavailable.__wrapped__()
+    assert "bubblewrap (bwrap) is not installed" in confine.unavailable()
