@@ -20,7 +20,7 @@ images:
   folders (certificates) and their pods' runtime folders are hidden. Then
   ``pivot_root`` and exec.
 * ``join``: enter a running container's namespaces (``/proc/PID/ns``) and exec a
-  command there: exec probes and ``kubectl exec``-like helpers.
+  command there: ``kubectl exec``, exec probes and hooks, injected load (``runtime.py``).
 * ``plain``: exec the command as it is (where this machine grants no namespaces).
 * ``check``: say whether this machine lets the agent make namespaces at all.
 
@@ -56,6 +56,7 @@ SYS_MOUNT_SETATTR = 442  # the same number on every architecture (added after th
 SIOCSIFFLAGS = 0x8914
 IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
 PR_SET_PDEATHSIG = 1
+TIOCSCTTY = 0x540E
 SKIP_TOP = {"proc", "sys", "dev", "tmp", "lost+found"}
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -318,9 +319,12 @@ def main() -> None:
     else:
         spec = marshal.loads(bytes.fromhex(argument))
     mode = spec.get("mode", "run")
+    quiet = spec.get("quiet", False)  # an exec's failure reaches its client as a status, not as output
     if "nice" in spec:
         weigh(spec["nice"])
     _libc.prctl(PR_SET_PDEATHSIG, 9)  # the container dies with the agent thread that started it (SIGKILL)
+    if spec.get("tty"):  # its terminal (stdout) becomes its controlling terminal: ^C and window sizes reach it
+        _libc.ioctl(1, TIOCSCTTY, 0)
     # Opened now: the new root hides the agent's folders. Closed by exec (Python's fds are close-on-exec).
     errors = os.open(spec["error_file"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if spec.get("error_file") else None
     try:
@@ -338,19 +342,20 @@ def main() -> None:
             ensure_path("", cwd, is_dir=True)  # a missing working directory is created, as runc does
         os.chdir(cwd)
     except (LaunchError, OSError) as exc:
-        fail(errors, f"failed to create the container: {exc}")
+        fail(errors, f"failed to create the container: {exc}", quiet)
     argv = spec["argv"]
     try:
         os.execvpe(argv[0], argv, spec["env"])
     except OSError as exc:
-        fail(errors, f"exec: \"{argv[0]}\": {exc.strerror}")
+        fail(errors, f"exec: \"{argv[0]}\": {exc.strerror}", quiet)
 
 
-def fail(errors: int | None, message: str) -> None:
-    """Tell the agent (the spec's ``error_file``) and the container's log; exit 127."""
+def fail(errors: int | None, message: str, quiet: bool) -> None:
+    """Tell the agent (the spec's ``error_file``) and, unless ``quiet``, the container's log; exit 127."""
     if errors is not None:
         os.write(errors, message.encode())
-    print(f"labkit: {message}", file=sys.stderr, flush=True)
+    if not quiet:
+        print(f"labkit: {message}", file=sys.stderr, flush=True)
     os._exit(127)
 
 

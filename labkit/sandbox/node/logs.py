@@ -104,6 +104,7 @@ class _Attempt:
         self.size = os.fstat(self.fd).st_size
         self.streams = 0  # pipes still open
         self.closed = threading.Event()
+        self.listeners: list[Callable[[bytes, bytes], None]] = []  # attached clients: (stream name, output)
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -206,6 +207,8 @@ class _Capture(threading.Thread):
             return
         except OSError:
             chunk = b""
+        for listener in list(stream.attempt.listeners):
+            listener(stream.name, chunk)  # never waits (see streaming.attach)
         data = stream.lines(chunk, stamp(time.time_ns()))
         try:
             if data:
@@ -234,6 +237,35 @@ class ContainerLog:
 
         The caller closes both after Popen: then the attempt ends when the container's processes do.
         """
+        attempt = self._attempt(restart, 2)
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        for fd, name in ((out_read, b"stdout"), (err_read, b"stderr")):
+            os.set_blocking(fd, False)
+            _Capture.get().add(_Stream(fd, name, attempt))
+        return out_write, err_write
+
+    def open_terminal(self, restart: int) -> tuple[int, int]:
+        """As ``open`` for a container with ``tty``: a pseudo-terminal whose output is the attempt's stdout, as
+        a runtime logs a terminal. (its inner side, for the container's three streams; the agent's side, for
+        input and window sizes). The caller closes the inner side after Popen, and the agent's when done."""
+        attempt = self._attempt(restart, 1)
+        terminal, inner = os.openpty()
+        reader = os.dup(terminal)
+        os.set_blocking(reader, False)
+        _Capture.get().add(_Stream(reader, b"stdout", attempt))
+        return inner, terminal
+
+    def listen(self, listener: Callable[[bytes, bytes], None]) -> Callable[[], None]:
+        """Call ``listener(stream name, output)`` with what the current attempt prints from now on; the
+        returned function stops it."""
+        attempt = self.attempt
+        if attempt is None:
+            return lambda: None
+        attempt.listeners.append(listener)
+        return lambda: attempt.listeners.remove(listener) if listener in attempt.listeners else None
+
+    def _attempt(self, restart: int, streams: int) -> _Attempt:
         self.folder.mkdir(parents=True, exist_ok=True)
         for old in attempts(self.folder):
             if old < restart - 1:  # keep this attempt and the one before (`--previous`)
@@ -241,18 +273,12 @@ class ContainerLog:
                 for path in (current, rotated_path(current)):
                     path.unlink(missing_ok=True)
         path = attempt_path(self.folder, restart)
-        out_read, out_write = os.pipe()
-        err_read, err_write = os.pipe()
         with _writing_lock:  # an attempt number tried again (after a failed start) appends to its file
             attempt = _writing.get(path) or _Attempt(path)
             _writing[path] = attempt
-            attempt.streams += 2
+            attempt.streams += streams
         self.attempt = attempt
-        capture = _Capture.get()
-        for fd, name in ((out_read, b"stdout"), (err_read, b"stderr")):
-            os.set_blocking(fd, False)
-            capture.add(_Stream(fd, name, attempt))
-        return out_write, err_write
+        return attempt
 
     def wait_closed(self, timeout: float) -> None:
         """Wait (at most ``timeout`` s) until the current attempt's output is all in its file."""

@@ -34,7 +34,7 @@ from labkit.kube.client import STRATEGIC_MERGE_PATCH, KubeAPI
 from labkit.kube.errors import APIError
 from labkit.kube.events import EventSink, api_time, kubelet_event
 from labkit.kube.watch import ListWatch
-from labkit.sandbox.node import cpuweight, envvars, images, launch, namespaces, probes, usage
+from labkit.sandbox.node import cpuweight, envvars, images, launch, namespaces, probes, runtime, usage
 from labkit.sandbox.node.logs import ContainerLog
 from labkit.sandbox.node.dns import pod_files
 from labkit.sandbox.node.network import NetworkError, Networking
@@ -78,7 +78,9 @@ class Container:
     oom: bool = False
     measured: usage.Usage | None = None  # CPU and memory, from the last sample
     changed: bool = False  # its image was changed in the pod's spec: restart it with the new one
-    stressors: list[subprocess.Popen] = field(default_factory=list)  # load injected into it (StressChaos)
+    joined: runtime.Joined = field(default_factory=runtime.Joined)  # execs and injected load (StressChaos)
+    console: runtime.Console | None = None  # its stdin and terminal, with ``stdin`` or ``tty`` (attach)
+    log: ContainerLog | None = None
 
     @property
     def name(self) -> str:
@@ -171,17 +173,24 @@ class PodWorker(threading.Thread):
         c = self.container(name)
         if c is None or c.process is None or c.process.poll() is not None:
             return False
-        spec = {"mode": "join" if self.isolated else "plain", "pid": c.process.pid, "argv": argv,
-                "env": {"PATH": _path(()), "PYTHONPATH": images.SOURCE_ROOT}, "cwd": "/", "required": ["mnt", "net"]}
-        process = subprocess.Popen(launch.command(spec), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-        c.stressors.append(process)
+        target = runtime.Target(c.process.pid if self.isolated else None,
+                                {"PATH": _path(()), "PYTHONPATH": images.SOURCE_ROOT}, "/")  # fmt: skip
+        started = runtime.start(target, argv, report=False)
+        c.joined.add("stress", started.process)
         return True
 
     def unstress(self, name: str) -> None:
         c = self.container(name)
         if c:
-            _end_stressors(c)
+            c.joined.end("stress")
+
+    def exec_target(self, name: str) -> tuple[Container, runtime.Target] | None:
+        """Where ``kubectl exec`` into container ``name`` runs: the container and how to join it (None if it
+        does not run)."""
+        c = next((c for c in self.all_containers() if c.name == name), None)
+        if c is None or c.process is None or c.process.poll() is not None or not c.running:
+            return None
+        return c, runtime.Target(c.process.pid if self.isolated else None, dict(c.env), c.cwd, cpuweight.level(c.spec))
 
     @property
     def path(self) -> str:
@@ -432,7 +441,7 @@ class PodWorker(threading.Thread):
     def _watch(self, c: Container) -> None:
         """A running container: its memory limit, its probes, the end of its grace period."""
         monitor = usage.Monitor.get()
-        c.measured = usage.total([monitor.of(c.process.pid), *(monitor.of(s.pid) for s in c.stressors)])
+        c.measured = usage.total([monitor.of(c.process.pid), *(monitor.of(pid) for pid in c.joined.pids())])
         limit = c.memory_limit
         if limit and c.measured and c.measured.memory_bytes > limit:
             c.oom = True
@@ -525,16 +534,20 @@ class PodWorker(threading.Thread):
             c.cwd = str(cwd)
         if c.restarts == 0 and c.started_at is None:
             self.event("Pulled", f"Container image \"{image.reference}\" already present on machine", container=c)
-        stdout, stderr = self._output(c)
+        stdin, stdout, stderr = self._output(c)
+        if c.console and c.console.terminal is not None and self.isolated:
+            spec["tty"] = True
+            command = launch.command(spec, str(folder / "launch.spec"))
         try:
-            c.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env,
+            c.process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr, env=env,
                                          cwd=cwd, start_new_session=True)  # fmt: skip
         except OSError as exc:
             self._run_failed(c, str(exc))
+            self._close_console(c)
             return
         finally:
-            os.close(stdout)
-            os.close(stderr)
+            for fd in {stdin, stdout, stderr} - {subprocess.DEVNULL}:
+                os.close(fd)
         procs.record(c.process.pid, folder / "container.pid")
         cpuweight.apply(c.process.pid, nice)
         if c.restarting:
@@ -563,10 +576,30 @@ class PodWorker(threading.Thread):
             self.event("FailedPostStartHook", f"PostStartHook failed: {failure}", kind="Warning", container=c)
             self._stop(c, self._grace(c))
 
-    def _output(self, c: Container) -> tuple[int, int]:
-        """Write ends for a new attempt's stdout and stderr: its CRI log, ``logs/<container>/<restart>.log``."""
+    def _output(self, c: Container) -> tuple[int, int, int]:
+        """A new attempt's stdin, stdout and stderr: /dev/null and its CRI log, ``logs/<container>/<restart>.log``;
+        with ``stdin``, a pipe the agent holds the other end of; with ``tty``, one terminal for all three."""
         attempt = c.restarts + (1 if c.restarting else 0)
-        return ContainerLog(self.workdir / "logs" / c.name).open(attempt)
+        self._close_console(c)
+        c.log = ContainerLog(self.workdir / "logs" / c.name)
+        once = bool(c.spec.get("stdinOnce"))
+        if c.spec.get("tty"):
+            inner, terminal = c.log.open_terminal(attempt)
+            c.console = runtime.Console(os.dup(terminal) if c.spec.get("stdin") else None, terminal, once)
+            return (inner if c.spec.get("stdin") else subprocess.DEVNULL), inner, os.dup(inner)
+        stdout, stderr = c.log.open(attempt)
+        if not c.spec.get("stdin"):
+            c.console = None
+            return subprocess.DEVNULL, stdout, stderr
+        read_end, write_end = os.pipe()
+        c.console = runtime.Console(write_end, None, once)
+        return read_end, stdout, stderr
+
+    @staticmethod
+    def _close_console(c: Container) -> None:
+        if c.console is not None:
+            c.console.close()
+            c.console = None
 
     def _back_off(self, c: Container, ceiling: float) -> float:
         """Schedule the next attempt after the current back-off, and double it; the delay used."""
@@ -616,7 +649,8 @@ class PodWorker(threading.Thread):
         if c.prober:
             c.prober.stop()
             c.prober = None
-        _end_stressors(c)  # load injected into it dies with it
+        c.joined.end()  # load injected into it, and execs, die with it
+        self._close_console(c)
         c.process = None
         c.oom = False
         c.kill_deadline = 0.0
@@ -778,21 +812,13 @@ class PodWorker(threading.Thread):
         for c in self.all_containers():
             if c.prober:
                 c.prober.stop()
-            _end_stressors(c)
+            c.joined.end()
             if c.process is not None and c.process.poll() is None:
                 _signal_group(c.process, signal.SIGKILL)
                 c.process.wait()
         if self.pause is not None and self.pause.poll() is None:
             _signal_group(self.pause, signal.SIGKILL)
             self.pause.wait()
-
-
-def _end_stressors(c: Container) -> None:
-    """Kill the load a StressChaos injected into ``c``."""
-    for process in c.stressors:
-        _signal_group(process, signal.SIGKILL)
-        process.wait()
-    c.stressors.clear()
 
 
 def _exit_code(returncode: int) -> int:

@@ -19,14 +19,13 @@ import os
 import random
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from labkit.sandbox import procs
-from labkit.sandbox.node import launch
+from labkit.sandbox.node import runtime
 from labkit.sandbox.node.namespaces import in_network
 
 
@@ -113,26 +112,11 @@ def tcp_socket(spec: dict, container: dict, host: str, timeout: float, netns: in
     return Outcome(True)
 
 
-def run_in(pid: int | None, argv: list[str], env: dict[str, str], cwd: str, timeout: float) -> tuple[int, str]:
-    """Run ``argv`` inside the container of process ``pid`` (its namespaces, environment and working
-    directory); (exit code, output). A timeout is exit code -1."""
-    # A container that is still being set up has not left the agent's namespaces: never run there.
-    spec = {"mode": "join", "pid": pid, "argv": argv, "env": env, "cwd": cwd, "required": ["mnt", "net"]}
-    if pid is None:
-        spec["mode"] = "plain"
-    command = launch.command(spec)
-    try:
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        return -1, (exc.stdout or b"").decode(errors="replace")
-    return done.returncode, (done.stdout + done.stderr).decode(errors="replace")
-
-
 def exec_action(spec: dict, env: dict[str, str], cwd: str, timeout: float, pid: int | None) -> Outcome:
     argv = spec.get("command") or []
     if not argv:
         return Outcome(False, "exec probe has no command")
-    code, output = run_in(pid, argv, env, cwd, timeout)
+    code, output = runtime.run(runtime.Target(pid, env, cwd), argv, timeout)
     if code == -1:
         return Outcome(False, f"command {argv!r} timed out")
     if code != 0:

@@ -50,20 +50,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from labkit.kube.client import KubeAPI
-from labkit.sandbox.node import authz, logs, metrics
+from labkit.sandbox.node import authz, logs, metrics, streaming
 from labkit.sandbox.node.namespaces import in_network
+from labkit.sandbox.node.streaming import Refused
 
 PROXY_TIMEOUT = 10.0  # a pod's HTTP answer, through labkit's proxy
 PROXY_LIMIT = 8 << 20  # bytes of it passed on
+STREAMING = ("/exec/", "/attach/", "/portForward/")
 REQUEST_TIMEOUT = 120.0  # an idle kept-alive connection, or a client that stops reading, is dropped after this
-
-
-class Refused(Exception):
-    """A request answered with an error: its HTTP status and the kubelet's message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _q(text: str) -> str:
@@ -224,6 +218,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._container_logs(url)
             elif url.path.startswith("/labkit/proxy/"):
                 self._proxy(url)
+            elif url.path.startswith(STREAMING):
+                self._streaming(url)
             elif url.path.startswith("/labkit/forward/"):
                 self._forward(url)
             elif url.path == "/labkit/faults":
@@ -244,6 +240,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if url.path.startswith("/labkit/proxy/"):
                 self._proxy(url)
+                return
+            if url.path.startswith(STREAMING):
+                self._streaming(url)
                 return
             if url.path != "/labkit/faults":
                 raise Refused(404, "404 page not found\n")
@@ -341,6 +340,36 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _streaming(self, url: urllib.parse.SplitResult) -> None:
+        """``/exec``, ``/attach`` and ``/portForward``: the connection is upgraded and served (``streaming.py``)."""
+        owner = self.server.owner
+        parts = [urllib.parse.unquote(p) for p in url.path.split("/")[1:]]
+        offered = streaming.offered_protocols(self.headers)
+        if parts[0] == "portForward":
+            if len(parts) != 3:
+                raise Refused(404, "404 page not found\n")
+            worker = find_pod(owner.workers(), parts[1], parts[2])
+            protocol = streaming.negotiate(offered, (streaming.PORT_FORWARD_PROTOCOL,))
+            session = streaming.PortForwardSession(parts[2], worker.pod["metadata"]["uid"], worker.network_pid(),
+                                                   owner.log)  # fmt: skip
+            streaming.serve(streaming.upgrade(self, protocol), session)
+            return
+        if len(parts) != 4:
+            raise Refused(404, "404 page not found\n")
+        namespace, pod, container = parts[1:]
+        options = streaming.Options.parse(url.query)
+        find_container(owner.workers(), namespace, pod, container)  # the kubelet's 404s
+        found = find_pod(owner.workers(), namespace, pod).exec_target(container)
+        if found is None:
+            raise Refused(500, f"container {_q(container)} in pod {_q(pod)} is not running\n")
+        c, target = found
+        if parts[0] == "exec":
+            begin = lambda: streaming.start_exec(target, c.joined, options)  # noqa: E731
+        else:
+            begin = lambda: streaming.attach(c, options)  # noqa: E731
+        protocol = streaming.negotiate(offered, streaming.EXEC_PROTOCOLS)
+        streaming.serve(streaming.upgrade(self, protocol), streaming.ChannelSession(options, begin, owner.log))
 
     def _forward(self, url: urllib.parse.SplitResult) -> None:
         """A port on this machine's loopback that leads to a Service: ``/labkit/forward/{namespace}/{service}/{port}``."""
