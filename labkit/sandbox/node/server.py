@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from labkit.kube.client import KubeAPI
-from labkit.sandbox.node import authz, logs, metrics, streaming
+from labkit.sandbox.node import authz, logs, metrics, streaming, websocket
 from labkit.sandbox.node.namespaces import in_network
 from labkit.sandbox.node.streaming import Refused
 
@@ -350,10 +350,18 @@ class _Handler(BaseHTTPRequestHandler):
             if len(parts) != 3:
                 raise Refused(404, "404 page not found\n")
             worker = find_pod(owner.workers(), parts[1], parts[2])
+            network = streaming.PodNetwork(parts[2], worker.pod["metadata"]["uid"], worker.network_pid())
+            if self.headers.get("Upgrade", "").lower() == "websocket":
+                key = self.headers.get("Sec-WebSocket-Key", "")
+                session = streaming.WebSocketPortForward(network, streaming.WebSocketPortForward.parse_ports(url.query))
+                protocol = streaming.negotiate(websocket.offered_protocols(self.headers),
+                                               streaming.WebSocketPortForward.PROTOCOLS)  # fmt: skip
+                if not key:
+                    raise Refused(400, "unable to upgrade: missing Sec-WebSocket-Key\n")
+                streaming.serve_websocket(websocket.upgrade(self, key, protocol), session)
+                return
             protocol = streaming.negotiate(offered, (streaming.PORT_FORWARD_PROTOCOL,))
-            session = streaming.PortForwardSession(parts[2], worker.pod["metadata"]["uid"], worker.network_pid(),
-                                                   owner.log)  # fmt: skip
-            streaming.serve(streaming.upgrade(self, protocol), session)
+            streaming.serve(streaming.upgrade(self, protocol), streaming.PortForwardSession(network))
             return
         if len(parts) != 4:
             raise Refused(404, "404 page not found\n")

@@ -30,13 +30,13 @@ import json
 import os
 import queue
 import socket
-import ssl
+import struct
 import threading
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from labkit.sandbox.node import runtime, spdy
+from labkit.sandbox.node import runtime, spdy, websocket
 from labkit.sandbox.node.namespaces import in_network
 from labkit.sandbox.node.upgraded import Pump
 
@@ -107,20 +107,8 @@ def upgrade(handler: Any, protocol: str) -> Pump:
     """Answer ``101 Switching Protocols`` for SPDY/3.1 and take the connection over from ``http.server``."""
     if handler.headers.get("Upgrade", "").lower() != "spdy/3.1":
         raise Refused(400, "unable to upgrade: missing upgrade headers in request: the node speaks SPDY/3.1\n")
-    handler.send_response(101, "Switching Protocols")
-    handler.send_header("Connection", "Upgrade")
-    handler.send_header("Upgrade", "SPDY/3.1")
-    handler.send_header("X-Stream-Protocol-Version", protocol)
-    handler.end_headers()
-    handler.wfile.flush()
-    handler.close_connection = True
-    sock = handler.request
-    sock.setblocking(False)
-    try:  # what the client sent right after its request, already read into http.server's buffer
-        leftover = handler.rfile.read1(1 << 16) or b""
-    except (ssl.SSLWantReadError, BlockingIOError, OSError):
-        leftover = b""
-    return Pump(sock, leftover)
+    return Pump.take_over(handler, {"Connection": "Upgrade", "Upgrade": "SPDY/3.1",
+                                    "X-Stream-Protocol-Version": protocol})
 
 
 def serve(pump: Pump, session: Any) -> None:
@@ -449,17 +437,98 @@ def attach(container: Any, options: Options) -> AttachAttachment:
 # -- port-forward --------------------------------------------------------------------------------
 
 
-class PortForwardSession:
-    """Port-forward on one SPDY connection: each pair of streams (``data``, ``error``) one connection to a port."""
+@dataclass
+class PodNetwork:
+    """The pod a port-forward reaches into: its name and uid (for messages) and its network namespace."""
 
-    def __init__(self, pod: str, uid: str, network_pid: int | None, log: Callable[[str], None]) -> None:
-        self.pod = pod
-        self.uid = uid
-        self.network_pid = network_pid
-        self.log = log
+    pod: str
+    uid: str
+    pid: int | None  # a process in its network namespace; None: this machine's own (no namespaces here)
+
+
+class Forward:
+    """One client connection forwarded to ``port`` inside the pod's network (on localhost, as the runtime dials),
+    copied both ways: ``out`` takes the port's bytes, ``fail`` a message when it cannot be reached, ``done`` is
+    called once at the end. What the client sends is ``put``; ``put(None)`` when it has sent everything."""
+
+    def __init__(self, network: PodNetwork, port: int, out: Callable[[bytes], bool], fail: Callable[[str], None],
+                 done: Callable[[], None]) -> None:  # fmt: skip
+        self.network = network
+        self.port = port
+        self.out, self.fail, self.done = out, fail, done
+        self.input: queue.Queue[bytes | None] = queue.Queue()
+        self.sock: socket.socket | None = None
+        self.stopped = False
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name=f"port-forward-{self.port}", daemon=True).start()
+
+    def put(self, data: bytes | None) -> None:
+        self.input.put(data)
+
+    def stop(self) -> None:
+        """The client has gone: end the connection to the port."""
+        self.stopped = True
+        self.input.put(None)
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _run(self) -> None:
+        port, network = self.port, self.network
+        try:
+            sock = in_network(network.pid, socket.create_connection, ("127.0.0.1", port), DIAL_TIMEOUT)
+        except OSError as exc:
+            reason = exc.strerror.lower() if exc.strerror else str(exc)
+            self.fail(f"error forwarding port {port} to pod {network.pod}, uid {network.uid}: failed to connect to "
+                      f"localhost:{port} inside namespace of pod {network.pod}, IPv4: dial tcp4 127.0.0.1:{port}: "
+                      f"connect: {reason}")  # fmt: skip
+            self.done()
+            return
+        sock.settimeout(None)
+        self.sock = sock
+        writer = threading.Thread(target=self._copy_in, daemon=True)
+        writer.start()
+        try:
+            while not self.stopped:
+                try:
+                    chunk = sock.recv(READ_SIZE)
+                except OSError:
+                    chunk = b""
+                if not chunk or not self.out(chunk):
+                    break
+        finally:
+            self.done()
+            writer.join(OUTPUT_DRAIN)
+            sock.close()
+
+    def _copy_in(self) -> None:
+        while True:
+            chunk = self.input.get()
+            try:
+                if chunk is None:
+                    self.sock.shutdown(socket.SHUT_WR)
+                    return
+                self.sock.sendall(chunk)
+            except OSError:
+                return
+
+
+def port_number(text: str) -> int | None:
+    return int(text) if text.isdigit() and 0 < int(text) < 65536 else None
+
+
+class PortForwardSession:
+    """Port-forward on one SPDY connection: each pair of streams (``data``, ``error``) with one ``requestID`` is
+    one connection to the ``port`` they name."""
+
+    def __init__(self, network: PodNetwork) -> None:
+        self.network = network
         self.connection: spdy.Connection | None = None
         self.pairs: dict[str, dict[str, spdy.Stream]] = {}
-        self.sockets: set[socket.socket] = set()
+        self.forwards: dict[str, Forward] = {}
         self.lock = threading.Lock()
 
     def opened(self, stream: spdy.Stream) -> None:
@@ -467,81 +536,103 @@ class PortForwardSession:
         request = stream.headers.get("requestid", "")
         pair = self.pairs.setdefault(request, {})
         pair[stream.kind] = stream
-        if stream.kind == "data":
-            stream.session_data["input"] = queue.Queue()
         if {"data", "error"} <= set(pair):
-            threading.Thread(target=self._forward, args=(pair,), name="port-forward", daemon=True).start()
+            self._begin(request, pair["data"], pair["error"])
+
+    def _begin(self, request: str, data: spdy.Stream, error: spdy.Stream) -> None:
+        connection = self.connection
+
+        def done() -> None:
+            connection.finish(data)
+            connection.finish(error)
+            with self.lock:
+                self.forwards.pop(request, None)
+
+        port = port_number(data.headers.get("port", ""))
+        if port is None:
+            connection.write(error, f"invalid port {data.headers.get('port', '')!r}".encode())
+            done()
+            return
+        forward = Forward(self.network, port, lambda chunk: connection.write(data, chunk),
+                          lambda message: connection.write(error, message.encode()), done)  # fmt: skip
+        with self.lock:
+            self.forwards[request] = forward
+        data.session_data["forward"] = forward
+        forward.start()
 
     def received(self, stream: spdy.Stream, data: bytes) -> None:
-        if stream.kind == "data":
-            stream.session_data["input"].put(data)
+        if "forward" in stream.session_data:
+            stream.session_data["forward"].put(data)
 
     def ended(self, stream: spdy.Stream) -> None:
-        if stream.kind == "data":
-            stream.session_data["input"].put(None)
+        if "forward" in stream.session_data:
+            stream.session_data["forward"].put(None)
 
     def gone(self) -> None:
         with self.lock:
-            for sock in self.sockets:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        for pair in self.pairs.values():
-            if "data" in pair:
-                pair["data"].session_data["input"].put(None)
+            forwards = list(self.forwards.values())
+        for forward in forwards:
+            forward.stop()
 
-    def _forward(self, pair: dict[str, spdy.Stream]) -> None:
-        data, error = pair["data"], pair["error"]
-        connection = self.connection
-        self.pairs.pop(data.headers.get("requestid", ""), None)
-        text = data.headers.get("port", "")
-        if not text.isdigit() or not 0 < int(text) < 65536:
-            connection.write(error, f"invalid port {text!r}".encode())
-            return self._finish(pair)
-        port = int(text)
-        try:
-            sock = in_network(self.network_pid, socket.create_connection, ("127.0.0.1", port), DIAL_TIMEOUT)
-        except OSError as exc:
-            reason = exc.strerror.lower() if exc.strerror else str(exc)
-            message = (f"error forwarding port {port} to pod {self.pod}, uid {self.uid}: failed to connect to "
-                       f"localhost:{port} inside namespace of pod {self.pod}, IPv4: dial tcp4 127.0.0.1:{port}: "
-                       f"connect: {reason}")  # fmt: skip
-            connection.write(error, message.encode())
-            return self._finish(pair)
-        sock.settimeout(None)
-        with self.lock:
-            self.sockets.add(sock)
-        writer = threading.Thread(target=self._copy_in, args=(data, sock), daemon=True)
-        writer.start()
-        try:
-            while True:
-                try:
-                    chunk = sock.recv(READ_SIZE)
-                except OSError:
-                    chunk = b""
-                if not chunk or not connection.write(data, chunk):
-                    break
-        finally:
-            self._finish(pair)
-            writer.join(OUTPUT_DRAIN)
-            with self.lock:
-                self.sockets.discard(sock)
-            sock.close()
+
+class WebSocketPortForward:
+    """Port-forward on one WebSocket connection (``?ports=8080,9090``, channel protocol v4): one connection per
+    port asked for, opened at once; each channel's first message is its port (2 bytes, little-endian). The
+    connection ends when every port's has."""
+
+    PROTOCOLS = ("v4.channel.k8s.io", "channel.k8s.io")
+
+    def __init__(self, network: PodNetwork, ports: list[int]) -> None:
+        self.network = network
+        self.ports = ports
+        self.connection: websocket.Connection | None = None
+        self.forwards: list[Forward] = []
+        self.remaining = len(ports)
+        self.lock = threading.Lock()
 
     @staticmethod
-    def _copy_in(stream: spdy.Stream, sock: socket.socket) -> None:
-        incoming: queue.Queue = stream.session_data["input"]
-        while True:
-            chunk = incoming.get()
-            try:
-                if chunk is None:
-                    sock.shutdown(socket.SHUT_WR)
-                    return
-                sock.sendall(chunk)
-            except OSError:
-                return
+    def parse_ports(query: str) -> list[int]:
+        query_values = urllib.parse.parse_qs(query)  # the API server passes ``ports`` on as ``port``
+        values = query_values.get("port", []) + query_values.get("ports", [])
+        texts = [text.strip() for value in values for text in value.split(",") if text.strip()]
+        ports = [port_number(text) for text in texts]
+        if not texts or None in ports:
+            raise Refused(400, f"invalid port in {texts}: ports must be 1 to 65535\n" if texts else
+                          "query parameter \"port\" is required\n")  # fmt: skip
+        return ports  # type: ignore[return-value]
 
-    def _finish(self, pair: dict[str, spdy.Stream]) -> None:
-        for stream in pair.values():
-            self.connection.finish(stream)
+    def begin(self) -> None:
+        connection = self.connection
+        for index, port in enumerate(self.ports):
+            data, error = 2 * index, 2 * index + 1
+            for channel in (data, error):
+                connection.send(bytes([channel]) + struct.pack("<H", port))
+            forward = Forward(self.network, port, lambda chunk, c=data: connection.send(bytes([c]) + chunk),
+                              lambda message, c=error: connection.send(bytes([c]) + message.encode()), self._done)  # fmt: skip
+            self.forwards.append(forward)
+            forward.start()
+
+    def _done(self) -> None:
+        with self.lock:
+            self.remaining -= 1
+            last = self.remaining == 0
+        if last:
+            self.connection.close()
+
+    def received(self, message: bytes) -> None:
+        if not message:
+            return
+        index, rest = divmod(message[0], 2)
+        if rest == 0 and index < len(self.forwards) and len(message) > 1:
+            self.forwards[index].put(message[1:])
+
+    def gone(self) -> None:
+        for forward in self.forwards:
+            forward.stop()
+
+
+def serve_websocket(pump: Pump, session: WebSocketPortForward) -> None:
+    connection = websocket.Connection(pump, session)
+    session.connection = connection
+    session.begin()
+    pump.run(connection.feed)

@@ -14,7 +14,7 @@ import os
 import select
 import ssl
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 READ_SIZE = 256 << 10
 WRITE_SIZE = 256 << 10
@@ -35,6 +35,24 @@ class Pump:
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_read, False)
         os.set_blocking(self.wake_write, False)
+
+    @classmethod
+    def take_over(cls, handler: Any, headers: dict[str, str]) -> Pump:
+        """Answer ``101 Switching Protocols`` with ``headers`` to ``handler``'s request (an ``http.server``
+        handler) and take its connection over, with what the client sent after its request."""
+        handler.send_response(101, "Switching Protocols")
+        for name, value in headers.items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.flush()
+        handler.close_connection = True
+        sock = handler.request
+        sock.setblocking(False)
+        try:  # already read into http.server's buffer, if anything
+            leftover = handler.rfile.read1(1 << 16) or b""
+        except (ssl.SSLWantReadError, BlockingIOError, OSError):
+            leftover = b""
+        return cls(sock, leftover)
 
     def send(self, data: bytes) -> bool:
         """Queue ``data`` (one whole frame) for the client; waits while too much is queued. False once gone."""
