@@ -1,5 +1,7 @@
 """An operator's toolbox against the real API server: kubectl exec, attach, cp and port-forward, and the official
-Python client's stream and portforward helpers, served by the node agent as a kubelet serves them."""
+Python client's stream and portforward helpers, served by the node agent as a kubelet serves them; and the API
+server's own way into the pod network: pods/proxy, services/proxy, kubectl proxy, a webhook and an aggregated API
+served by pods."""
 
 from __future__ import annotations
 
@@ -196,3 +198,164 @@ def test_an_exec_counts_toward_the_containers_memory(cluster: Sandbox, box: str)
 
     main = eventually(killed, timeout=60, what="the container to be OOM-killed")
     assert main["restartCount"] == 1
+
+
+# -- the API server reaches the pod network --------------------------------------------------------
+
+SERVER = r'''
+import json, ssl, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    def _send(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):  # an admission webhook: objects labelled forbidden=yes are refused
+        review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        labels = review["request"]["object"]["metadata"].get("labels") or {}
+        allowed = labels.get("forbidden") != "yes"
+        response = {"uid": review["request"]["uid"], "allowed": allowed}
+        if not allowed:
+            response["status"] = {"code": 403, "message": "the gate refuses objects labelled forbidden=yes"}
+        self._send(200, {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
+
+    def do_GET(self):  # an aggregated API: demo.labkit.io/v1, with one resource
+        if self.path.split("?")[0] == "/apis/demo.labkit.io/v1":
+            self._send(200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "demo.labkit.io/v1",
+                             "resources": [{"name": "greetings", "namespaced": False, "kind": "Greeting",
+                                            "verbs": ["get", "list"]}]})
+        elif self.path.split("?")[0] == "/apis/demo.labkit.io/v1/greetings":
+            self._send(200, {"kind": "GreetingList", "apiVersion": "demo.labkit.io/v1", "metadata": {},
+                             "items": [{"kind": "Greeting", "apiVersion": "demo.labkit.io/v1",
+                                        "metadata": {"name": "hello"}, "served_by": self.headers.get("X-Remote-User")}]})
+        else:
+            self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404})
+
+server = ThreadingHTTPServer(("0.0.0.0", 8443), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain("/tls/tls.crt", "/tls/tls.key")
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+'''
+
+
+def _serving_certificate(name: str) -> tuple[bytes, bytes]:
+    """A self-signed serving certificate for ``name`` (its own CA), and its key, as PEM."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))  # fmt: skip
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())  # fmt: skip
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+@pytest.fixture
+def gate(cluster: Sandbox, ns: str) -> tuple[str, bytes]:
+    """A pod serving HTTPS on 8443 behind Service ``gate`` (443): an admission webhook and an aggregated API."""
+    import base64
+    import json
+
+    cert, key = _serving_certificate(f"gate.{ns}.svc")
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "gate-tls"}, "type": "kubernetes.io/tls",
+              "data": {"tls.crt": base64.b64encode(cert).decode(), "tls.key": base64.b64encode(key).decode()}}
+    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "gate"}, "data": {"server.py": SERVER}}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gate", "labels": {"app": "gate"}},
+           "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+               "name": "gate", "image": "python:3.12", "command": ["python", "/app/server.py"],
+               "ports": [{"containerPort": 8443}], "readinessProbe": {"tcpSocket": {"port": 8443}, "periodSeconds": 1},
+               "volumeMounts": [{"name": "app", "mountPath": "/app"}, {"name": "tls", "mountPath": "/tls"}]}],
+               "volumes": [{"name": "app", "configMap": {"name": "gate"}}, {"name": "tls", "secret": {"secretName": "gate-tls"}}]}}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "gate"},
+               "spec": {"selector": {"app": "gate"}, "ports": [{"port": 443, "targetPort": 8443}]}}  # fmt: skip
+    for item in (secret, config, pod, service):
+        kubectl(cluster, "-n", ns, "apply", "-f", "-", input=json.dumps(item))
+    kubectl(cluster, "-n", ns, "wait", "--for=condition=Ready", "pod/gate", "--timeout=60s")
+    return ns, cert
+
+
+def test_pods_and_services_proxy_and_kubectl_proxy(cluster: Sandbox, box: str) -> None:
+    through_pod = kubectl(cluster, "get", "--raw", f"/api/v1/namespaces/{box}/pods/box:8080/proxy/").stdout
+    assert "Directory listing" in through_pod
+    kubectl(cluster, "-n", box, "expose", "pod", "box", "--port=80", "--target-port=8080")
+    through_service = kubectl(cluster, "get", "--raw", f"/api/v1/namespaces/{box}/services/box:80/proxy/").stdout
+    assert "Directory listing" in through_service
+    port = _free_port()
+    proxy = subprocess.Popen([_kubectl(), "proxy", f"--port={port}"], stdout=subprocess.PIPE, text=True,
+                             env=_env(cluster))  # fmt: skip
+    try:
+        assert "Starting to serve" in proxy.stdout.readline()
+        url = f"http://127.0.0.1:{port}/api/v1/namespaces/{box}/services/box:80/proxy/"
+        assert b"Directory listing" in urllib.request.urlopen(url, timeout=10).read()
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+
+
+def test_an_admission_webhook_served_by_a_pod_refuses_a_label(cluster: Sandbox, gate: tuple[str, bytes]) -> None:
+    import base64
+    import json
+
+    ns, cert = gate
+    webhook = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+               "metadata": {"name": f"gate-{ns}"},
+               "webhooks": [{"name": "gate.labkit.io", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                             "failurePolicy": "Fail", "timeoutSeconds": 10,
+                             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                                        "resources": ["configmaps"]}],
+                             "clientConfig": {"caBundle": base64.b64encode(cert).decode(),
+                                              "service": {"namespace": ns, "name": "gate", "path": "/validate"}}}]}  # fmt: skip
+    kubectl(cluster, "apply", "-f", "-", input=json.dumps(webhook))
+    try:
+        bad = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "bad", "labels": {"forbidden": "yes"}}}
+        done = eventually(lambda: (lambda d: d if "denied" in d.stderr or d.returncode == 0 else None)(
+            kubectl(cluster, "-n", ns, "create", "-f", "-", input=json.dumps(bad), check=False)), timeout=30,
+            what="the webhook to answer")  # fmt: skip
+        assert done.returncode != 0, "the labelled ConfigMap was let in"
+        assert 'admission webhook "gate.labkit.io" denied the request: the gate refuses objects labelled forbidden=yes' \
+            in done.stderr, done.stderr
+        good = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "good"}}
+        kubectl(cluster, "-n", ns, "create", "-f", "-", input=json.dumps(good))
+    finally:
+        kubectl(cluster, "delete", "validatingwebhookconfiguration", f"gate-{ns}", check=False)
+
+
+def test_an_apiservice_backed_by_a_pod(cluster: Sandbox, gate: tuple[str, bytes]) -> None:
+    import json
+
+    ns, _ = gate
+    service = {"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService", "metadata": {"name": "v1.demo.labkit.io"},
+               "spec": {"group": "demo.labkit.io", "version": "v1", "groupPriorityMinimum": 100, "versionPriority": 10,
+                        "insecureSkipTLSVerify": True, "service": {"namespace": ns, "name": "gate", "port": 443}}}  # fmt: skip
+    kubectl(cluster, "apply", "-f", "-", input=json.dumps(service))
+    try:
+        def available() -> bool:
+            conditions = kubectl_json(cluster, "get", "apiservice", "v1.demo.labkit.io")["status"].get("conditions", [])
+            return any(c["type"] == "Available" and c["status"] == "True" for c in conditions)
+
+        eventually(available, timeout=60, what="the APIService to become Available")
+        listing = json.loads(kubectl(cluster, "get", "--raw", "/apis/demo.labkit.io/v1/greetings").stdout)
+        assert [item["metadata"]["name"] for item in listing["items"]] == ["hello"]
+        assert listing["items"][0]["served_by"] == "kubernetes-admin"  # the front proxy's headers, as the aggregator sends them
+        names = kubectl(cluster, "api-resources", "--api-group=demo.labkit.io", "-o", "name").stdout.split()
+        assert names == ["greetings.demo.labkit.io"]
+    finally:
+        kubectl(cluster, "delete", "apiservice", "v1.demo.labkit.io", check=False)

@@ -177,6 +177,13 @@ class Sandbox:
                 cluster=cluster, server=server, user=f"system:kube-{component}", stem=component,
             )  # fmt: skip
 
+    def _write_egress_config(self) -> Path:
+        path = self.state.etc / "egress-selector.yaml"
+        path.write_text("apiVersion: apiserver.k8s.io/v1beta1\nkind: EgressSelectorConfiguration\negressSelections:\n"
+                        "- name: cluster\n  connection:\n    proxyProtocol: HTTPConnect\n    transport:\n"
+                        f"      uds:\n        udsName: {json.dumps(str(self.state.egress_socket))}\n")  # fmt: skip
+        return path
+
     def _components(self, config: dict, tools: Toolset) -> list[dict]:
         """The four command lines, as a kubeadm control plane would run them, on loopback."""
         p = config["ports"]
@@ -242,6 +249,10 @@ class Sandbox:
             "--requestheader-username-headers=X-Remote-User",
             f"--proxy-client-cert-file={c('front-proxy-client')}",
             f"--proxy-client-key-file={k('front-proxy-client')}",
+            # What the API server opens to the cluster (kubelet APIs, pods/proxy, services/proxy, webhooks,
+            # aggregated APIs) goes through the node agent, which dials pod and Service addresses inside the
+            # pod network, as a konnectivity proxy does for a control plane outside its cluster's network.
+            f"--egress-selector-config-file={self._write_egress_config()}",
             # The API server would publish its own address as the endpoint of the `kubernetes`
             # Service, but the API rejects loopback endpoints; sandbox networking owns this.
             "--endpoint-reconciler-type=none",
@@ -316,6 +327,7 @@ class Sandbox:
             "proxy": {"cert": str(pki.cert(proxy)), "key": str(pki.key(proxy))},
             "chaos": {"cert": str(pki.cert(chaos)), "key": str(pki.key(chaos))},
             "service_cidr": SERVICE_CIDR, "kubernetes_ip": KUBERNETES_SERVICE_IP, "dns_ip": CLUSTER_DNS_IP,
+            "egress_socket": str(self.state.egress_socket),
         }, indent=2))  # fmt: skip
 
     def _start_supervisor(self) -> None:

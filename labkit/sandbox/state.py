@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,16 @@ class SandboxState:
         self.logs = self.root / "logs"
         self.run = self.root / "run"
         self.pods = self.root / "pods"
+
+    @property
+    def egress_socket(self) -> Path:
+        """The node agent's socket through which the API server reaches pods, Services and nodes (a Unix socket's
+        path has at most 107 bytes: a deep state folder's is replaced by one under the temporary folder)."""
+        path = self.run / "egress.sock"
+        if len(str(path).encode()) <= 100:
+            return path
+        digest = hashlib.sha1(str(self.root).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"labkit-egress-{digest}.sock"
 
     # -- reading -------------------------------------------------------------------------------
 

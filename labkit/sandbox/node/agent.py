@@ -44,7 +44,7 @@ from labkit.sandbox.node import namespaces
 from labkit.sandbox.node.chaos import ChaosController
 from labkit.sandbox.node.dns import ClusterDNS
 from labkit.sandbox.node.faults import Faults
-from labkit.sandbox.node.forward import Forwards
+from labkit.sandbox.node.forward import ClusterEgress, Forwards
 from labkit.sandbox.node.network import Networking, PodNetwork
 from labkit.sandbox.node.services import ServiceProxy
 from labkit.sandbox.node.pods import PodSource
@@ -257,6 +257,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     networking = start_network(config, stopping)
     _record_network(root / "run" / "network.json", networking)
+    if config.get("egress_socket"):
+        ClusterEgress(Path(config["egress_socket"]), networking.network.pid if networking else None, _log).start()
     threads = [
         NodeHeartbeat(NodeSpec(**node), config["server"], Path(config["ca"]), config["version"], root / "run", stopping,
                       networking)  # fmt: skip

@@ -11,13 +11,22 @@ relays (a thread each way):
   port mappings publish them, to the Service inside;
 * **a Service for a notebook**, on demand (the kubelet API's ``/labkit/forward``):
   a port on this machine's loopback that leads to the Service's ClusterIP, like
-  ``minikube service --url``. It lasts as long as the Service.
+  ``minikube service --url``. It lasts as long as the Service;
+* **the API server's way into the cluster** (``ClusterEgress``): its egress selector
+  sends what it opens to the cluster (kubelet APIs, ``pods/proxy``, ``services/proxy``,
+  admission and conversion webhooks, aggregated APIs) as HTTP CONNECT requests to
+  a Unix socket, as to a konnectivity proxy; the agent dials loopback addresses (the
+  nodes' kubelet APIs) on this machine and every other address inside the pod
+  network, where pods and ClusterIPs answer.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import socket
 import threading
+from pathlib import Path
 from typing import Callable
 
 from labkit.sandbox.node.namespaces import in_network
@@ -107,6 +116,70 @@ def dial(host: str, port: int, netns: int | None = None, timeout: float = 10.0) 
         raise
     sock.settimeout(None)
     return sock
+
+
+class ClusterEgress(threading.Thread):
+    """An HTTP CONNECT proxy on a Unix socket, for the API server's ``cluster`` egress (see the module's docstring)."""
+
+    HEADER_LIMIT = 16 << 10
+
+    def __init__(self, path: Path, netns: int | None, log: Callable[[str], None]) -> None:
+        super().__init__(name="cluster-egress", daemon=True)
+        self.netns = netns  # the pod network's (None: pods share this machine's network)
+        self.log = log
+        path.unlink(missing_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        os.chmod(path, 0o600)  # the API server runs as the same user; nobody else may tunnel through
+        self.sock.listen(128)
+
+    def run(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(4096)
+                if not chunk or len(head) > self.HEADER_LIMIT:
+                    client.close()
+                    return
+                head += chunk
+            request, rest = head.split(b"\r\n\r\n", 1)
+            method, target, _ = (request.split(b"\r\n", 1)[0].decode(errors="replace") + "  ").split(" ", 2)
+            host, _, port = target.rpartition(":")
+            host = host.strip("[]")
+            if method != "CONNECT" or not port.isdigit():
+                client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+                client.close()
+                return
+            upstream = dial(host, int(port), None if self._on_this_machine(host) else self.netns)
+        except OSError as exc:
+            try:
+                client.sendall(f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\r\n{exc}".encode())
+            except OSError:
+                pass
+            client.close()
+            return
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if rest:
+            upstream.sendall(rest)
+        relay(client, upstream)
+
+    @staticmethod
+    def _on_this_machine(host: str) -> bool:
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return host == "localhost"
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Forwards:
