@@ -359,3 +359,22 @@ def test_an_apiservice_backed_by_a_pod(cluster: Sandbox, gate: tuple[str, bytes]
         assert names == ["greetings.demo.labkit.io"]
     finally:
         kubectl(cluster, "delete", "apiservice", "v1.demo.labkit.io", check=False)
+
+
+def test_kubectl_debug_runs_an_ephemeral_container_in_the_pod(cluster: Sandbox, box: str) -> None:
+    done = _in_terminal([_kubectl(), "-n", box, "debug", "box", "--image=busybox", "-it", "--target=main",
+                         "--container=debugger"],
+                        ["wget -qO- http://127.0.0.1:8080/ | grep -c Directory; hostname; echo $((3*14))\r", "exit\r"],
+                        _env(cluster))  # fmt: skip
+    assert "\n2\r\nbox\r\n42\r\n" in done.stdout, done.stdout  # the pod's network and hostname
+    status = kubectl_json(cluster, "-n", box, "get", "pod", "box")["status"]
+    (debugger,) = status["ephemeralContainerStatuses"]
+    assert debugger["name"] == "debugger" and debugger["ready"] is False and debugger["restartCount"] == 0
+    assert debugger["state"]["terminated"]["exitCode"] == 0 and debugger["containerID"].startswith("labkit://")
+    events = kubectl_json(cluster, "-n", box, "get", "events", "--field-selector", "involvedObject.name=box")["items"]
+    started = [e for e in events if e["involvedObject"].get("fieldPath") == "spec.ephemeralContainers{debugger}"]
+    assert {"Created", "Started"} <= {e["reason"] for e in started}
+    # The pod's own containers were left as they were.
+    assert all(s["restartCount"] == 0 and "running" in s["state"] for s in status["containerStatuses"])
+    described = kubectl(cluster, "-n", box, "describe", "pod", "box").stdout
+    assert "Ephemeral Containers:\n  debugger:" in described

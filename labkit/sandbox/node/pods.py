@@ -49,7 +49,7 @@ SYNC_RETRY = 2.0  # a pod whose sync failed unexpectedly is synced again after t
 OBJECT_TTL = 1.0  # ConfigMaps and Secrets read for a node's pods are reused this long
 AUTHORIZER_RETRIES, AUTHORIZER_RETRY_SECONDS = 10, 0.05  # a node's request the API server refuses (as_node)
 STANDARD_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
-UNSUPPORTED_FEATURES = "ephemeralContainers", "resizePolicy"
+UNSUPPORTED_FEATURES = ("resizePolicy",)
 T = TypeVar("T")
 
 
@@ -59,6 +59,8 @@ class Container:
 
     spec: dict
     init: bool = False
+    ephemeral: bool = False  # added to the running pod (``kubectl debug``): run once, never restarted, never ready
+    announced: bool = False  # an ephemeral container's unsupported parts have been said
     process: subprocess.Popen | None = None
     started_at: str | None = None
     started_mono: float = 0.0
@@ -77,6 +79,7 @@ class Container:
     kill_deadline: float = 0.0  # being stopped: SIGKILL at this time
     oom: bool = False
     measured: usage.Usage | None = None  # CPU and memory, from the last sample
+    container_id: str = ""  # the last attempt's, kept after it ends (as a runtime's container record is)
     changed: bool = False  # its image was changed in the pod's spec: restart it with the new one
     joined: runtime.Joined = field(default_factory=runtime.Joined)  # execs and injected load (StressChaos)
     console: runtime.Console | None = None  # its stdin and terminal, with ``stdin`` or ``tty`` (attach)
@@ -123,6 +126,8 @@ class PodWorker(threading.Thread):
         self.containers = [Container(c) for c in spec.get("containers", [])]
         for c in self.containers:
             c.state = dict(waiting or c.state)
+        self.ephemeral: list[Container] = []
+        self._add_ephemeral(spec)
         self.volumes = PodVolumes(pod, workdir / "volumes", self._lookup, self._token, self.allocatable)
         self.mounted = False
         self.mount_error = ""
@@ -152,7 +157,14 @@ class PodWorker(threading.Thread):
                 if image is not None and image != c.spec.get("image", ""):
                     c.spec = {**c.spec, "image": image}
                     c.changed = True
+            self._add_ephemeral(pod["spec"])
 
+    def _add_ephemeral(self, spec: dict) -> None:
+        """Ephemeral containers new in ``spec`` (the ``ephemeralcontainers`` subresource only ever adds them)."""
+        known = {c.name for c in self.ephemeral}
+        for entry in spec.get("ephemeralContainers", []):
+            if entry["name"] not in known:
+                self.ephemeral.append(Container(entry, ephemeral=True))
     # -- what chaos experiments do to containers (the node's part of Chaos Mesh's chaos daemon) -------------
 
     def container(self, name: str) -> Container | None:
@@ -198,7 +210,7 @@ class PodWorker(threading.Thread):
         return f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"
 
     def all_containers(self) -> list[Container]:
-        return [*self.init_containers, *self.containers]
+        return [*self.init_containers, *self.containers, *self.ephemeral]
 
     def _lookup(self, kind: str, name: str) -> dict | None:
         """A ConfigMap or Secret of the pod's namespace, read with the node's credentials (None if it does not
@@ -220,7 +232,7 @@ class PodWorker(threading.Thread):
         involved = {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "namespace": meta["namespace"],
                     "uid": meta["uid"]}  # fmt: skip
         if container:
-            section = "initContainers" if container.init else "containers"
+            section = "initContainers" if container.init else "ephemeralContainers" if container.ephemeral else "containers"
             involved["fieldPath"] = f"spec.{section}{{{container.name}}}"
         event = kubelet_event(involved, reason, message, kind=kind, node=self.node)
         if self.held is not None and threading.current_thread() is self:
@@ -258,6 +270,16 @@ class PodWorker(threading.Thread):
         if not self.isolated and (spec.get("volumes") or spec.get("hostname")):
             found.append("volume mounts and the pod's hostname (this machine refuses Linux namespaces to the "
                          "node agent, so containers see the host's files)")  # fmt: skip
+        return found
+
+    def unsupported_ephemeral(self, c: Container) -> list[str]:
+        """What the agent does not honour of an ephemeral container added to the running pod."""
+        found = []
+        if not self.isolated:
+            found.append(f"ephemeral container {c.name} joins no namespaces: this machine refuses Linux namespaces "
+                         "to the node agent, so it sees the host's files and network")  # fmt: skip
+        if c.spec.get("targetContainerName") and not self.isolated:
+            found.append(f"targetContainerName {c.spec['targetContainerName']} (no process namespace to share)")
         return found
 
     def run(self) -> None:
@@ -307,6 +329,15 @@ class PodWorker(threading.Thread):
                 return  # the next init container, or the app containers, wait for this one
         for c in self.containers:
             self._drive(c, policy)
+        for c in list(self.ephemeral):
+            if not c.announced:
+                c.announced = True
+                missing = self.unsupported_ephemeral(c)
+                if missing:
+                    self.event("Unsupported", "labkit's node agent does not honour these, and runs the container "
+                               "without them: " + "; ".join(missing), kind="Warning", container=c)  # fmt: skip
+            if not c.done:
+                self._drive(c, "Never")
 
     def _mount(self) -> bool:
         """Set the pod's volumes up (once); a failure is a FailedMount event and a pod left waiting."""
@@ -549,6 +580,7 @@ class PodWorker(threading.Thread):
             for fd in {stdin, stdout, stderr} - {subprocess.DEVNULL}:
                 os.close(fd)
         procs.record(c.process.pid, folder / "container.pid")
+        c.container_id = f"labkit://{c.process.pid}"
         cpuweight.apply(c.process.pid, nice)
         if c.restarting:
             c.restarts += 1
@@ -559,7 +591,7 @@ class PodWorker(threading.Thread):
         c.state = {"running": {"startedAt": c.started_at}}
         self.event("Created", f"Created container: {c.name}", container=c)
         self.event("Started", f"Started container {c.name}", container=c)
-        if not c.init and probes.Prober.wanted(c.spec):
+        if not c.init and not c.ephemeral and probes.Prober.wanted(c.spec):
             c.prober = probes.Prober(c.spec, c.process.pid if self.isolated else None, self.network_pid(), env, c.cwd,
                                      lambda reason, message, kind: self.event(reason, message, kind, container=c),
                                      self.source.relist, self.taken, self.probe_host())
@@ -700,14 +732,14 @@ class PodWorker(threading.Thread):
     def _container_status(c: Container) -> dict:
         prober = c.prober
         started = c.running and (prober.started if prober else True)
-        ready = c.succeeded if c.init else (started and (prober.ready if prober else True))
+        ready = c.succeeded if c.init else (started and (prober.ready if prober else True)) and not c.ephemeral
         entry = {
             "name": c.name, "image": c.spec.get("image", ""), "imageID": c.image_id,
             "ready": ready, "started": started, "restartCount": c.restarts,
             "state": c.state, "lastState": c.last_state,
         }  # fmt: skip
-        if c.process is not None:
-            entry["containerID"] = f"labkit://{c.process.pid}"
+        if c.container_id:
+            entry["containerID"] = c.container_id
         return entry
 
     def status(self) -> dict:
@@ -747,6 +779,8 @@ class PodWorker(threading.Thread):
         }
         if self.init_containers:
             status["initContainerStatuses"] = [self._container_status(c) for c in self.init_containers]
+        if self.ephemeral:
+            status["ephemeralContainerStatuses"] = [self._container_status(c) for c in self.ephemeral]
         return status
 
     def _report(self, force: bool = False) -> None:

@@ -96,7 +96,7 @@ def find_container(workers: Iterable, namespace: str, pod: str, container: str) 
     with the kubelet's 404s when the node has no such pod or the pod no such container.
     """
     worker = find_pod(workers, namespace, pod)
-    for c in [*getattr(worker, "init_containers", []), *worker.containers]:
+    for c in worker.all_containers():
         if c.name == container:
             return ContainerView(pod, container, worker.workdir / "logs" / container, dict(c.state),
                                  dict(c.last_state))  # fmt: skip
