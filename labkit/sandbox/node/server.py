@@ -446,6 +446,9 @@ class _HTTPSServer(ThreadingHTTPServer):
 
     def get_request(self) -> tuple[ssl.SSLSocket, tuple]:
         sock, address = self.socket.accept()
+        # Streams send small frames (a SYN_REPLY, a line of output) one after another: Nagle's algorithm would hold
+        # each behind the peer's delayed acknowledgement of the last.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
 
     def handle_error(self, request: object, client_address: tuple) -> None:

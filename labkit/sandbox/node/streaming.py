@@ -488,6 +488,7 @@ class Forward:
             self.done()
             return
         sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         writer = threading.Thread(target=self._copy_in, daemon=True)
         writer.start()
