@@ -22,9 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,lab,book]'
 	touch $@
 
-## system: the Debian packages the sandbox's pod network needs (iproute2, nftables, util-linux), and the
-## one that confines a trainee's kernel while it is graded (bubblewrap), where missing
-SYSTEM_TOOLS := ip:iproute2 nft:nftables unshare:util-linux setpriv:util-linux
+## system: the Debian packages the sandbox's pod network needs (iproute2, nftables, util-linux), the one that
+## gives a rootless node agent its user's subordinate ids (uidmap), and the one that confines a trainee's
+## kernel while it is graded (bubblewrap), where missing
+SYSTEM_TOOLS := ip:iproute2 nft:nftables unshare:util-linux setpriv:util-linux newuidmap:uidmap
 GRADING_TOOLS := bwrap:bubblewrap
 system:
 	@bash tests/apt-missing.sh "The sandbox's pod network needs" "until then pods share this machine's network" $(SYSTEM_TOOLS)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The pod network's tests once more as an ordinary user, as on Binder or a laptop without sudo: that
+# The pod network's and the streaming tests once more as an ordinary user, as on Binder or a laptop without sudo: that
 # user's sandbox builds the same network inside a user namespace of its own. Run as root (`make test`
 # does when it runs as root); it makes the user if needed and lets it reach this checkout's Python.
 set -euo pipefail
@@ -24,6 +24,6 @@ for target in "$repo" "$(readlink -f "$python")" "$cache"; do
   done
 done
 chmod -R o+rX "$cache"  # the pinned binaries (nothing secret), for the user's sandbox to run
-echo "running tests/test_network.py as $user (rootless sandbox)"
+echo "running tests/test_network.py and tests/test_streaming.py as $user (rootless sandbox)"
 exec runuser -u "$user" -- env -i HOME="$(getent passwd "$user" | cut -d: -f6)" PATH="$repo/.venv/bin:/usr/local/bin:/usr/bin:/bin" \
-  LABKIT_CACHE_DIR="$cache" "$python" -m pytest -p no:cacheprovider -q tests/test_network.py "${@:2}"
+  LABKIT_CACHE_DIR="$cache" "$python" -m pytest -p no:cacheprovider -q tests/test_network.py tests/test_streaming.py "${@:2}"

@@ -69,14 +69,21 @@ def available() -> bool:
 
 
 def agent_argv(state_root: str) -> list[str]:
-    """The node agent's command: in a user namespace of its own when not run as root (and one is granted)."""
+    """The node agent's command: in a user namespace of its own when not run as root (and one is granted).
+
+    There the user is root, and the user's subordinate ids (``/etc/subuid``, mapped by ``newuidmap`` from
+    Debian's uidmap) are its other users, as rootless container tools map them: so a container's root can
+    give a file to another user (``tar`` extracting ``kubectl cp``'s archive does). Without them only root
+    exists in there, and such a ``chown`` fails."""
     argv = [sys.executable, "-m", "labkit.sandbox.node.agent", state_root]
     unshare = shutil.which("unshare")
     if os.geteuid() == 0 or unshare is None:
         return argv
-    wrapped = [unshare, "--user", "--map-root-user", "--"]
-    try:
-        granted = subprocess.run([*wrapped, "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        granted = False
-    return [*wrapped, *argv] if granted else argv
+    for mapping in (["--map-root-user", "--map-auto"], ["--map-root-user"]):
+        wrapped = [unshare, "--user", *mapping, "--"]
+        try:
+            if subprocess.run([*wrapped, "true"], capture_output=True, timeout=10).returncode == 0:
+                return [*wrapped, *argv]
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return argv
