@@ -34,7 +34,7 @@ from labkit.kube.client import STRATEGIC_MERGE_PATCH, KubeAPI
 from labkit.kube.errors import APIError
 from labkit.kube.events import EventSink, api_time, kubelet_event
 from labkit.kube.watch import ListWatch
-from labkit.sandbox.node import cpuweight, envvars, images, launch, namespaces, probes, runtime, usage
+from labkit.sandbox.node import cpuweight, envvars, images, launch, namespaces, podstatus, probes, runtime, usage
 from labkit.sandbox.node.logs import ContainerLog
 from labkit.sandbox.node.dns import pod_files
 from labkit.sandbox.node.network import NetworkError, Networking
@@ -140,6 +140,7 @@ class PodWorker(threading.Thread):
         self.taken = time.monotonic()  # the probes tick from here
         self.finished = threading.Event()
         self.last_reported: str | None = None
+        self.last_status: dict | None = pod.get("status")  # as the API server last took it (its conditions' times)
         self.held: list[dict] | None = None  # Events of the pass under way, sent once its status is
         self.lost = False  # the node is gone: kill, but tell the API nothing
 
@@ -712,93 +713,36 @@ class PodWorker(threading.Thread):
 
     # -- status ------------------------------------------------------------------------------
 
-    def _init_done(self) -> bool:
-        return all(c.succeeded for c in self.init_containers)
-
-    def _phase(self) -> str:
-        if any(c.done and not c.succeeded for c in self.init_containers):
-            return "Failed"
-        if not self._init_done():
-            return "Pending"
-        if any(c.running for c in self.containers):
-            return "Running"
-        if self.containers and all(c.done for c in self.containers):
-            return "Succeeded" if all(c.succeeded for c in self.containers) else "Failed"
-        if any(c.restarts or c.started_at for c in self.containers):
-            return "Running"
-        return "Pending"
-
     @staticmethod
-    def _container_status(c: Container) -> dict:
+    def _view(c: Container) -> podstatus.ContainerView:
         prober = c.prober
-        started = c.running and (prober.started if prober else True)
-        ready = c.succeeded if c.init else (started and (prober.ready if prober else True)) and not c.ephemeral
-        entry = {
-            "name": c.name, "image": c.spec.get("image", ""), "imageID": c.image_id,
-            "ready": ready, "started": started, "restartCount": c.restarts,
-            "state": c.state, "lastState": c.last_state,
-        }  # fmt: skip
-        if c.container_id:
-            entry["containerID"] = c.container_id
-        return entry
+        return podstatus.ContainerView(
+            c.name, c.spec.get("image", ""), c.image_id, c.state, c.last_state, c.restarts, c.done,
+            started=c.running and (prober.started if prober else True), probed_ready=prober.ready if prober else True,
+            ever_started=c.started_at is not None, container_id=c.container_id)  # fmt: skip
 
     def status(self) -> dict:
-        stamp = api_time()
-        statuses = [self._container_status(c) for c in self.containers]
-        all_ready = bool(statuses) and all(s["ready"] for s in statuses)
-        phase = self._phase()
-        ready_reason = None if all_ready else ("PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady")
-        initialized = self._init_done()
-
-        def condition(kind: str, ok: bool, reason: str | None = None, message: str | None = None) -> dict:
-            entry = {"type": kind, "status": "True" if ok else "False", "lastProbeTime": None,
-                     "lastTransitionTime": stamp}  # fmt: skip
-            if reason:
-                entry["reason"] = reason
-            if message:
-                entry["message"] = message
-            return entry
-
-        waiting = [c.name for c in self.init_containers if not c.succeeded]
-        not_ready = [s["name"] for s in statuses if not s["ready"]]
-        ready_message = f"containers with unready status: [{' '.join(not_ready)}]" if not_ready else None
-        status = {
-            "phase": phase,
-            "hostIP": "127.0.0.1",
-            "hostIPs": [{"ip": "127.0.0.1"}],
-            **({"podIP": self.ip, "podIPs": [{"ip": self.ip}]} if self.ip else {}),
-            "startTime": self.start_time,
-            "conditions": [
-                condition("PodReadyToStartContainers", self.mounted),
-                condition("Initialized", initialized, None if initialized else "ContainersNotInitialized",
-                          None if initialized else f"containers with incomplete status: [{' '.join(waiting)}]"),
-                condition("ContainersReady", all_ready, ready_reason, ready_message),
-                condition("Ready", all_ready, ready_reason, ready_message),
-            ],
-            "containerStatuses": statuses,
-        }
-        if self.init_containers:
-            status["initContainerStatuses"] = [self._container_status(c) for c in self.init_containers]
-        if self.ephemeral:
-            status["ephemeralContainerStatuses"] = [self._container_status(c) for c in self.ephemeral]
-        return status
+        """The status to report now (``podstatus.pod_status`` of what this worker sees, and what it last sent)."""
+        view = podstatus.PodView(tuple(map(self._view, self.init_containers)), tuple(map(self._view, self.containers)),
+                                 tuple(map(self._view, self.ephemeral)), self.mounted, self.ip, self.start_time)  # fmt: skip
+        return podstatus.pod_status(view, self.last_status, api_time())
 
     def _report(self, force: bool = False) -> None:
         if self.lost:
             return
         status = self.status()
-        # Transition times are only written when something else changed, as the status manager does.
-        key = json.dumps({**status, "conditions": [(c["type"], c["status"]) for c in status["conditions"]]},
-                         sort_keys=True)  # fmt: skip
+        key = json.dumps(status, sort_keys=True)  # transition times only move when a condition changes
         if key == self.last_reported and not force:
             return
+        patch = status
         if "podIPs" in status:  # the list is replaced, not merged: a pod whose sandbox was made again may have a
-            status = {**status, "podIPs": [{"$patch": "replace"}, *status["podIPs"]]}  # new address (one a family)
+            patch = {**status, "podIPs": [{"$patch": "replace"}, *status["podIPs"]]}  # new address (one a family)
         try:
             self.api.request("PATCH", self.path + "/status",
-                             {"metadata": {"uid": self.pod["metadata"]["uid"]}, "status": status},
+                             {"metadata": {"uid": self.pod["metadata"]["uid"]}, "status": patch},
                              content_type=STRATEGIC_MERGE_PATCH)  # fmt: skip
             self.last_reported = key
+            self.last_status = status
         except APIError as exc:
             if exc.status != 404:
                 self.log(f"status of {self.name}: {exc}")
