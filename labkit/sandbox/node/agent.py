@@ -257,13 +257,19 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     networking = start_network(config, stopping)
     _record_network(root / "run" / "network.json", networking)
-    if config.get("egress_socket"):
-        ClusterEgress(Path(config["egress_socket"]), networking.network.pid if networking else None, _log).start()
     threads = [
         NodeHeartbeat(NodeSpec(**node), config["server"], Path(config["ca"]), config["version"], root / "run", stopping,
                       networking)  # fmt: skip
         for node in config["nodes"]
     ]
+    if config.get("egress_socket"):
+        servers = {t.spec.port: t.kubelet_api for t in threads if t.kubelet_api is not None}
+
+        def local(port: int):  # noqa: ANN202 - the kubelet API that takes a connection to this port, while it serves
+            server = servers.get(port)
+            return server.adopt if server is not None and server.running else None
+
+        ClusterEgress(Path(config["egress_socket"]), networking.network.pid if networking else None, _log, local).start()
     for thread in threads:
         thread.start()
     if "chaos" in config:  # Chaos Mesh's experiments, carried out on these nodes

@@ -124,10 +124,14 @@ class ClusterEgress(threading.Thread):
 
     HEADER_LIMIT = 16 << 10
 
-    def __init__(self, path: Path, netns: int | None, log: Callable[[str], None]) -> None:
+    def __init__(self, path: Path, netns: int | None, log: Callable[[str], None],
+                 local: Callable[[int], Callable[[socket.socket], bool] | None] | None = None) -> None:  # fmt: skip
+        """``local(port)``: for one of the agent's own loopback ports (a node's kubelet API, while it serves), what
+        takes a connection straight to its server, one relay fewer; None for any other port."""
         super().__init__(name="cluster-egress", daemon=True)
         self.netns = netns  # the pod network's (None: pods share this machine's network)
         self.log = log
+        self.local = local
         path.unlink(missing_ok=True)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
@@ -159,7 +163,14 @@ class ClusterEgress(threading.Thread):
                 client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
                 client.close()
                 return
-            upstream = dial(host, int(port), None if self._on_this_machine(host) else self.netns)
+            here = self._on_this_machine(host)
+            adopt = self.local(int(port)) if here and not rest and self.local is not None else None
+            if adopt is not None:
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                if not adopt(client):
+                    client.close()
+                return
+            upstream = dial(host, int(port), None if here else self.netns)
         except OSError as exc:
             try:
                 client.sendall(f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\r\n{exc}".encode())

@@ -13,8 +13,10 @@ terminal, whose size the caller sets.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -24,6 +26,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from labkit.sandbox import procs
 from labkit.sandbox.node import cpuweight, launch
 
 
@@ -60,10 +63,11 @@ class Started:
             return ""
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        for kill in (os.killpg, os.kill):  # its group; or itself, if it has not made its session yet
+            try:
+                kill(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def close(self) -> None:
         for fd in {self.stdin, self.stdout, self.stderr, self.terminal} - {None}:
@@ -112,15 +116,56 @@ def run(target: Target, argv: list[str], timeout: float) -> tuple[int, str]:
     return done.returncode, (done.stdout + done.stderr).decode(errors="replace")
 
 
+class StartFailed(Exception):
+    """The command cannot be started in the container: the runtime's reason (its program is not there, the
+    container is not set up yet)."""
+
+
+def _program_in(target: Target, program: str) -> bool:
+    """Whether ``program`` is there to run inside ``target`` (looked up on its PATH, inside its own root)."""
+    root = f"/proc/{target.pid}/root"
+    if "/" in program:
+        candidates = [program if program.startswith("/") else os.path.join(target.cwd, program)]
+    else:
+        candidates = [os.path.join(folder, program) for folder in target.env.get("PATH", "").split(":") if folder]
+    return any(os.access(root + candidate, os.X_OK) and not os.path.isdir(root + candidate) for candidate in candidates)
+
+
+@functools.cache
+def _entering_tools() -> tuple[str, str] | None:
+    found = (shutil.which("nsenter"), shutil.which("setsid"))
+    return found if all(found) else None  # type: ignore[return-value]
+
+
+def _entering(target: Target, argv: list[str], tty: bool) -> list[str] | None:
+    """util-linux's nsenter into ``target``'s namespaces, at its working directory (a C program: an exec
+    starts in a millisecond, not the launcher's fifteen); None where it is missing (the launcher does it)."""
+    tools = _entering_tools()
+    if tools is None or target.pid is None:
+        return None
+    nsenter, setsid = tools
+    own, theirs = procs.namespace(os.getpid(), "mnt"), procs.namespace(target.pid, "mnt")
+    if theirs is None or theirs == own:  # gone, or still being set up: never run in the agent's own namespaces
+        raise StartFailed("the container is not running")
+    if not _program_in(target, argv[0]):
+        raise StartFailed(f'exec: "{argv[0]}": executable file not found in $PATH')
+    user = [] if procs.namespace(target.pid, "user") == procs.namespace(os.getpid(), "user") else ["-U", "--preserve-credentials"]
+    # nsenter opens the working directory before it enters the namespaces: named through the container's root
+    line = [nsenter, "-t", str(target.pid), *user, "-m", "-u", "-n", f"--wd=/proc/{target.pid}/root{target.cwd}", "--",
+            *argv]  # fmt: skip
+    return [setsid, "--ctty", *line] if tty else line  # its terminal (stdin) becomes its controlling terminal
+
+
 def start(target: Target, argv: list[str], *, stdin: bool = False, stdout: bool = False, stderr: bool = False,
           tty: bool = False, report: bool = True) -> Started:  # fmt: skip
-    """Start ``argv`` in ``target`` with the streams asked for (the others are /dev/null); OSError if it cannot.
-    With ``report``, what keeps the launcher from starting it is kept for ``start_error``."""
+    """Start ``argv`` in ``target`` with the streams asked for (the others are /dev/null); StartFailed or OSError
+    if it cannot. With ``report``, what keeps the launcher from starting it is kept for ``start_error``."""
+    entering = _entering(target, argv, tty) if report else None
     name = ""
-    if report:
+    if report and entering is None:
         handle, name = tempfile.mkstemp(prefix="labkit-exec-", suffix=".error")
         os.close(handle)
-    spec = {**spec_for(target, argv), "nice": target.nice, **({"error_file": name, "quiet": True} if report else {})}
+    spec = {**spec_for(target, argv), "nice": target.nice, **({"error_file": name, "quiet": True} if name else {})}
     mine: list[int] = []  # the agent's ends
     theirs: list[int] = []  # the process's, closed here once it has them
     try:
@@ -147,7 +192,10 @@ def start(target: Target, argv: list[str], *, stdin: bool = False, stdout: bool 
                 theirs.append(child)
                 setattr(started, key, ours)
                 streams[key] = child
-        started.process = subprocess.Popen(launch.command(spec), start_new_session=True, **streams)
+        if entering is not None:
+            started.process = subprocess.Popen(entering, env=target.env, start_new_session=not tty, **streams)
+        else:
+            started.process = subprocess.Popen(launch.command(spec), start_new_session=True, **streams)
     except OSError:
         for fd in mine:
             os.close(fd)

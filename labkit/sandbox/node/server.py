@@ -451,6 +451,11 @@ class _HTTPSServer(ThreadingHTTPServer):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
 
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection that reached this node another way (the API server's egress, ``ClusterEgress``)."""
+        self.process_request(self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False),
+                             ("egress", 0))  # fmt: skip
+
     def handle_error(self, request: object, client_address: tuple) -> None:
         """A client that fails the TLS handshake (no certificate, another CA) or hangs up is no news."""
         error = sys.exc_info()[1]
@@ -482,6 +487,14 @@ class NodeServer:
     @property
     def running(self) -> bool:
         return self.httpd is not None
+
+    def adopt(self, sock: socket.socket) -> bool:
+        """Serve ``sock`` as if it had connected to the port: False (the caller refuses it) if the API is closed."""
+        httpd = self.httpd
+        if httpd is None:
+            return False
+        httpd.adopt(sock)
+        return True
 
     def start(self) -> None:
         """Listen and serve; raises OSError if the port is taken."""

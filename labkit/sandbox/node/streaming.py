@@ -355,6 +355,9 @@ def start_exec(target: runtime.Target, joined: runtime.Joined, options: Options)
     try:
         started = runtime.start(target, options.command, stdin=options.stdin, stdout=options.stdout,
                                 stderr=options.stderr, tty=options.tty)  # fmt: skip
+    except runtime.StartFailed as exc:
+        raise Refused(500, f"error executing command in container: failed to exec in container: OCI runtime exec "
+                      f"failed: exec failed: unable to start container process: {exc}: unknown") from None
     except OSError as exc:
         raise Refused(500, f"failed to exec in container: {exc}") from None
     return ExecAttachment(started, options.command, joined)
@@ -521,57 +524,87 @@ def port_number(text: str) -> int | None:
     return int(text) if text.isdigit() and 0 < int(text) < 65536 else None
 
 
+class _Request:
+    """One port-forward connection of a SPDY session: its two streams, as they arrive, and its forward."""
+
+    def __init__(self) -> None:
+        self.streams: dict[str, spdy.Stream] = {}
+        self.data_here = threading.Event()
+        self.forward: Forward | None = None
+        self.finished = False
+
+
 class PortForwardSession:
-    """Port-forward on one SPDY connection: each pair of streams (``data``, ``error``) with one ``requestID`` is
-    one connection to the ``port`` they name."""
+    """Port-forward on one SPDY connection: each pair of streams (``error``, then ``data``) with one
+    ``requestID`` is one connection to the ``port`` they name. The port is dialled as soon as the first stream
+    of a pair names it: kubectl waits for that stream's reply before it opens the other."""
 
     def __init__(self, network: PodNetwork) -> None:
         self.network = network
         self.connection: spdy.Connection | None = None
-        self.pairs: dict[str, dict[str, spdy.Stream]] = {}
-        self.forwards: dict[str, Forward] = {}
+        self.requests: dict[str, _Request] = {}
         self.lock = threading.Lock()
 
     def opened(self, stream: spdy.Stream) -> None:
         self.connection.accept(stream)
-        request = stream.headers.get("requestid", "")
-        pair = self.pairs.setdefault(request, {})
-        pair[stream.kind] = stream
-        if {"data", "error"} <= set(pair):
-            self._begin(request, pair["data"], pair["error"])
+        key = stream.headers.get("requestid", "")
+        with self.lock:
+            request = self.requests.setdefault(key, _Request())
+            request.streams[stream.kind] = stream
+            first, finished = request.forward is None and not request.finished, request.finished
+        if stream.kind == "data":
+            stream.session_data["request"] = request
+            request.data_here.set()
+        if finished:  # it failed before this stream came: nothing to carry
+            self.connection.finish(stream)
+            self._forget(key, request)
+        elif first:
+            self._begin(key, request, stream)
 
-    def _begin(self, request: str, data: spdy.Stream, error: spdy.Stream) -> None:
+    def _begin(self, key: str, request: _Request, stream: spdy.Stream) -> None:
         connection = self.connection
 
-        def done() -> None:
-            connection.finish(data)
-            connection.finish(error)
-            with self.lock:
-                self.forwards.pop(request, None)
+        def out(chunk: bytes) -> bool:  # a port that speaks first waits for the data stream
+            return request.data_here.wait(STREAM_CREATION_TIMEOUT) and connection.write(request.streams["data"], chunk)
 
-        port = port_number(data.headers.get("port", ""))
+        def fail(message: str) -> None:
+            if "error" in request.streams:
+                connection.write(request.streams["error"], message.encode())
+
+        def done() -> None:
+            with self.lock:
+                request.finished = True
+                streams = list(request.streams.values())
+            for each in streams:
+                connection.finish(each)
+            self._forget(key, request)
+
+        port = port_number(stream.headers.get("port", ""))
         if port is None:
-            connection.write(error, f"invalid port {data.headers.get('port', '')!r}".encode())
+            fail(f"invalid port {stream.headers.get('port', '')!r}")
             done()
             return
-        forward = Forward(self.network, port, lambda chunk: connection.write(data, chunk),
-                          lambda message: connection.write(error, message.encode()), done)  # fmt: skip
+        request.forward = Forward(self.network, port, out, fail, done)
+        request.forward.start()
+
+    def _forget(self, key: str, request: _Request) -> None:
         with self.lock:
-            self.forwards[request] = forward
-        data.session_data["forward"] = forward
-        forward.start()
+            if request.finished and len(request.streams) == 2 and self.requests.get(key) is request:
+                del self.requests[key]
 
     def received(self, stream: spdy.Stream, data: bytes) -> None:
-        if "forward" in stream.session_data:
-            stream.session_data["forward"].put(data)
+        request = stream.session_data.get("request")
+        if request is not None and request.forward is not None:
+            request.forward.put(data)
 
     def ended(self, stream: spdy.Stream) -> None:
-        if "forward" in stream.session_data:
-            stream.session_data["forward"].put(None)
+        request = stream.session_data.get("request")
+        if request is not None and request.forward is not None:
+            request.forward.put(None)
 
     def gone(self) -> None:
         with self.lock:
-            forwards = list(self.forwards.values())
+            forwards = [r.forward for r in self.requests.values() if r.forward is not None]
         for forward in forwards:
             forward.stop()
 
