@@ -203,13 +203,20 @@ def test_a_partition_takes_lists_of_pods_on_either_side(lab: Lab) -> None:
 
 
 def _cpu_seconds(lab: Lab, pod: dict) -> float:
-    # The node's kubelet API, straight: the API server's node proxy refuses the nodes' loopback addresses.
+    # The node's kubelet API, straight: the API server's node proxy refuses the nodes' loopback addresses. A new
+    # container has figures once it has been sampled (within a second), as on a kubelet.
     node = lab.cluster.get(f"/api/v1/nodes/{pod['spec']['nodeName']}")
-    text = lab._reach.agent("GET", "/metrics/resource", node=node).text
-    for line in text.splitlines():
-        if line.startswith("container_cpu_usage_seconds_total") and f'pod="{pod["metadata"]["name"]}"' in line:
-            return float(line.split()[1])
-    raise AssertionError(f"no CPU figure for {pod['metadata']['name']} in:\n{text}")
+
+    def figure() -> float | None:
+        text = lab._reach.agent("GET", "/metrics/resource", node=node).text
+        for line in text.splitlines():
+            if line.startswith("container_cpu_usage_seconds_total") and f'pod="{pod["metadata"]["name"]}"' in line:
+                return float(line.split()[1])
+        return None
+
+    found = eventually(lambda: (lambda value: value is not None and (value,))(figure()), timeout=5,
+                       what=f"a CPU figure for {pod['metadata']['name']} in the node's /metrics/resource")  # fmt: skip
+    return found[0]
 
 
 def test_stress_burns_cpu_and_memory_past_a_limit(lab: Lab) -> None:

@@ -40,7 +40,7 @@ from labkit.sandbox import procs
 from labkit.kube.client import STRATEGIC_MERGE_PATCH, KubeAPI
 from labkit.kube.errors import APIError
 from labkit.kube.events import api_micro_time, api_time, kubelet_event
-from labkit.sandbox.node import namespaces
+from labkit.sandbox.node import namespaces, usage
 from labkit.sandbox.node.chaos import ChaosController
 from labkit.sandbox.node.dns import ClusterDNS
 from labkit.sandbox.node.faults import Faults
@@ -80,7 +80,8 @@ class NodeHeartbeat(threading.Thread):
     """Registration, lease renewal and status of one node."""
 
     def __init__(self, spec: NodeSpec, server: str, ca: Path, version: str, run_dir: Path,
-                 stopping: threading.Event, networking: Networking | None = None) -> None:  # fmt: skip
+                 stopping: threading.Event, networking: Networking | None = None,
+                 monitor: usage.Monitor | None = None) -> None:  # fmt: skip
         super().__init__(name=f"node-{spec.name}", daemon=True)
         self.spec = spec
         self.api = KubeAPI(server, ca, Path(spec.cert), Path(spec.key))
@@ -91,7 +92,8 @@ class NodeHeartbeat(threading.Thread):
         self.last_status = 0.0
         self.uid: str | None = None
         self.pods = PodSource(spec.name, self.api, run_dir.parent / "pods" / spec.name, stopping, _log,
-                              allocatable={"cpu": spec.cpu, "memory": spec.memory}, networking=networking)
+                              allocatable={"cpu": spec.cpu, "memory": spec.memory}, networking=networking,
+                              monitor=monitor)  # fmt: skip
         self.kubelet_api = NodeServer(spec.name, spec.port, Path(spec.serving_cert), Path(spec.serving_key), ca,
                                       self.pods.current, _log, networking, self.api) if spec.port else None  # fmt: skip
 
@@ -257,9 +259,10 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     networking = start_network(config, stopping)
     _record_network(root / "run" / "network.json", networking)
+    monitor = usage.Monitor.start_new()  # CPU and memory of every container, for all the nodes
     threads = [
         NodeHeartbeat(NodeSpec(**node), config["server"], Path(config["ca"]), config["version"], root / "run", stopping,
-                      networking)  # fmt: skip
+                      networking, monitor)  # fmt: skip
         for node in config["nodes"]
     ]
     if config.get("egress_socket"):

@@ -10,9 +10,10 @@ as the API documents it.
 
 from __future__ import annotations
 
-import functools
+import concurrent.futures
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -25,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
-import labkit
-from labkit import paths
 from labkit.sandbox import procs
 from labkit.kube import quantity
 from labkit.kube.cache import ObjectCache
@@ -34,7 +33,8 @@ from labkit.kube.client import STRATEGIC_MERGE_PATCH, KubeAPI
 from labkit.kube.errors import APIError
 from labkit.kube.events import EventSink, api_time, kubelet_event
 from labkit.kube.watch import ListWatch
-from labkit.sandbox.node import cpuweight, envvars, images, launch, namespaces, podstatus, probes, runtime, usage
+from labkit.sandbox.node import cpuweight, envvars, images, namespaces, podstatus, probes, runtime, usage
+from labkit.sandbox.node.context import NodeContext
 from labkit.sandbox.node.logs import ContainerLog
 from labkit.sandbox.node.dns import pod_files
 from labkit.sandbox.node.network import NetworkError, Networking
@@ -50,7 +50,46 @@ OBJECT_TTL = 1.0  # ConfigMaps and Secrets read for a node's pods are reused thi
 AUTHORIZER_RETRIES, AUTHORIZER_RETRY_SECONDS = 10, 0.05  # a node's request the API server refuses (as_node)
 STANDARD_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 UNSUPPORTED_FEATURES = ("resizePolicy",)
+TICK = 0.5  # a pod worker looks at its pod at least this often (memory is sampled as often: usage.INTERVAL)
+ASK_TIMEOUT = 10.0  # what chaos asks of a pod worker is answered within this, or taken as refused
 T = TypeVar("T")
+
+
+class Work:
+    """What a pod worker is given to do besides driving its pod, handled in its own thread, in order."""
+
+
+@dataclass
+class Update(Work):
+    pod: dict  # the pod as the node's watch saw it
+
+
+@dataclass
+class Forget(Work):
+    lost: bool  # the node is lost: kill, and tell the API nothing
+
+
+@dataclass
+class Kill(Work):
+    container: str
+    reply: concurrent.futures.Future
+
+
+@dataclass
+class Stress(Work):
+    container: str
+    reply: concurrent.futures.Future
+    argv: list[str]
+
+
+@dataclass
+class Unstress(Work):
+    container: str
+
+
+@dataclass
+class Wake(Work):
+    why: str  # a container's process ended, a probe changed its verdict
 
 
 @dataclass
@@ -106,19 +145,17 @@ class Container:
 class PodWorker(threading.Thread):
     """Drives one pod toward its spec and reports its status."""
 
-    def __init__(self, pod: dict, source: PodSource, workdir: Path) -> None:
+    def __init__(self, pod: dict, context: NodeContext, workdir: Path) -> None:
         meta = pod["metadata"]
         super().__init__(name=f"pod-{meta['namespace']}-{meta['name']}", daemon=True)
         self.pod = pod
-        self.source = source  # the node's: its API client, events, caches, network
-        self.api = source.api
-        self.node = source.node
+        self.context = context  # the node's: its API client, events, caches, runtime, network
+        self.runtime = context.runtime
+        self.isolated = context.isolated
+        self.api, self.node, self.log = context.api, context.node, context.log
+        self.allocatable, self.events, self.objects = context.allocatable, context.events, context.objects
         self.workdir = workdir
-        self.log = source.log
-        self.allocatable = source.allocatable
-        self.isolated = source.isolated
-        self.events = source.events
-        self.objects = source.objects
+        self.inbox: queue.Queue[Work] = queue.Queue()  # what to do besides driving the pod: in order, in this thread
         self.lock = threading.Lock()
         spec = pod["spec"]
         self.init_containers = [Container(c, init=True) for c in spec.get("initContainers", [])]
@@ -147,6 +184,56 @@ class PodWorker(threading.Thread):
     # -- inputs ------------------------------------------------------------------------------
 
     def update(self, pod: dict) -> None:
+        """The pod as the API server has it now (from the node's watch): taken in the worker's own thread."""
+        self.inbox.put(Update(pod))
+
+    def forget(self, lost: bool = False) -> None:
+        """The pod is gone from the node (deleted while the agent was away, or the node is lost): kill it at once
+        (and with ``lost``, tell the API nothing)."""
+        self.inbox.put(Forget(lost))
+
+    def _handle(self, work: Work) -> None:
+        if isinstance(work, Update):
+            self._take(work.pod)
+        elif isinstance(work, Forget):
+            self.lost = self.lost or work.lost
+            with self.lock:
+                self.pod["metadata"].setdefault("deletionTimestamp", api_time())
+                self.pod["metadata"]["deletionGracePeriodSeconds"] = 0
+        elif isinstance(work, Kill):
+            work.reply.set_result(self._kill_container(work.container))
+        elif isinstance(work, Stress):
+            work.reply.set_result(self._stress(work.container, work.argv))
+        elif isinstance(work, Unstress):
+            c = self.container(work.container)
+            if c:
+                c.joined.end("stress")
+
+    def _wait_for_work(self, timeout: float) -> None:
+        """Wait at most ``timeout`` for work (a process that ended or a probe that changed its verdict is work too),
+        then do all there is."""
+        try:
+            work = self.inbox.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return
+        while True:
+            self._handle(work)
+            try:
+                work = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _ask(self, work: Kill | Stress) -> bool:
+        """Hand ``work`` to the worker's thread and wait for its answer (False if the worker has ended)."""
+        if self.finished.is_set():
+            return False
+        self.inbox.put(work)
+        try:
+            return work.reply.result(timeout=ASK_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            return False
+
+    def _take(self, pod: dict) -> None:
         with self.lock:
             self.pod = pod
             self.volumes.pod = pod  # labels and annotations feed downward API volumes
@@ -174,28 +261,32 @@ class PodWorker(threading.Thread):
     def kill_container(self, name: str) -> bool:
         """SIGKILL a running container, as a runtime's container kill does; it restarts per the pod's
         restartPolicy. False if it does not run."""
+        return self._ask(Kill(name, concurrent.futures.Future()))
+
+    def stress(self, name: str, argv: list[str]) -> bool:
+        """Run ``argv`` as load inside a running container (its namespaces): its CPU and memory count as the
+        container's, so a memory stressor can push it past its limit. False if the container does not run."""
+        return self._ask(Stress(name, concurrent.futures.Future(), argv))
+
+    def unstress(self, name: str) -> None:
+        self.inbox.put(Unstress(name))
+
+    def _kill_container(self, name: str) -> bool:
         c = self.container(name)
         if c is None or c.process is None or c.process.poll() is not None:
             return False
         _signal_group(c.process, signal.SIGKILL)
         return True
 
-    def stress(self, name: str, argv: list[str]) -> bool:
-        """Run ``argv`` as load inside a running container (its namespaces): its CPU and memory count as the
-        container's, so a memory stressor can push it past its limit. False if the container does not run."""
+    def _stress(self, name: str, argv: list[str]) -> bool:
         c = self.container(name)
         if c is None or c.process is None or c.process.poll() is not None:
             return False
-        target = runtime.Target(c.process.pid if self.isolated else None,
-                                {"PATH": _path(()), "PYTHONPATH": images.SOURCE_ROOT}, "/")  # fmt: skip
+        target = runtime.Target(self.runtime.join_pid(c.process), {"PATH": _path(()), "PYTHONPATH": images.SOURCE_ROOT},
+                                "/")  # fmt: skip
         started = runtime.start(target, argv, report=False)
         c.joined.add("stress", started.process)
         return True
-
-    def unstress(self, name: str) -> None:
-        c = self.container(name)
-        if c:
-            c.joined.end("stress")
 
     def exec_target(self, name: str) -> tuple[Container, runtime.Target] | None:
         """Where ``kubectl exec`` into container ``name`` runs: the container and how to join it (None if it
@@ -203,7 +294,7 @@ class PodWorker(threading.Thread):
         c = next((c for c in self.all_containers() if c.name == name), None)
         if c is None or c.process is None or c.process.poll() is not None or not c.running:
             return None
-        return c, runtime.Target(c.process.pid if self.isolated else None, dict(c.env), c.cwd, cpuweight.level(c.spec))
+        return c, runtime.Target(self.runtime.join_pid(c.process), dict(c.env), c.cwd, cpuweight.level(c.spec))
 
     @property
     def path(self) -> str:
@@ -304,18 +395,31 @@ class PodWorker(threading.Thread):
                         failure = str(exc)
                         self.log(f"pod worker {self.name}: {traceback.format_exc()}")
                         self.event("FailedSync", f"error syncing pod, will retry: {exc}", kind="Warning")
-                    time.sleep(SYNC_RETRY)
+                    self._wait_for_work(SYNC_RETRY)
                     continue
                 failure = ""
-                time.sleep(0.2)
+                self._wait_for_work(self._next_due())
         except Exception as exc:  # noqa: BLE001 - a bad pod must never take the agent down
             self.log(f"pod worker {self.name} failed: {traceback.format_exc()}")
             self.event("FailedSync", f"labkit node agent error: {exc}", kind="Warning")
         finally:
             self._kill_all()
-            if self.source.networking is not None:
-                self.source.networking.network.release(self.pod["metadata"]["uid"])
+            if self.context.networking is not None:
+                self.context.networking.network.release(self.pod["metadata"]["uid"])
             self.finished.set()
+            while not self.inbox.empty():  # answer what was asked meanwhile: the containers are gone
+                work = self.inbox.get_nowait()
+                if isinstance(work, (Kill, Stress)):
+                    work.reply.set_result(False)
+
+    def _next_due(self) -> float:
+        """Seconds until something of the pod falls due unasked: a back-off or retry ending, a grace period's
+        end; at most TICK, at which running containers' memory is looked at (sampled as often) and waits
+        (the pod's address range, its sandbox) are tried again."""
+        now = time.monotonic()
+        due = [c.next_start - now for c in self.all_containers() if c.process is None and not c.done and c.next_start]
+        due += [c.kill_deadline - now for c in self.all_containers() if c.kill_deadline]
+        return min([TICK, *due])
 
     def _sync(self) -> None:
         self._spawn_pause()  # it makes the pod's namespaces while the volumes are set up
@@ -367,7 +471,7 @@ class PodWorker(threading.Thread):
         folder = self.workdir / "containers"
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            self.pause = subprocess.Popen(_pause_command(self._hostname()), stdin=subprocess.DEVNULL,
+            self.pause = subprocess.Popen(self.runtime.sandbox_command(self._hostname()), stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                           start_new_session=True)  # fmt: skip
         except OSError as exc:
@@ -406,10 +510,10 @@ class PodWorker(threading.Thread):
 
     def _network(self) -> bool:
         """The pod's address on the pod network (given once its namespaces exist); False while it waits."""
-        networking = self.source.networking
+        networking = self.context.networking
         if self.ip or networking is None or not self.isolated:
             return True
-        cidr = self.source.pod_cidr()
+        cidr = self.context.pod_cidr()
         problem = ""
         if cidr is None:
             problem = f"node {self.node} has no pod address range (spec.podCIDR) yet"
@@ -426,7 +530,7 @@ class PodWorker(threading.Thread):
 
     def _service_env(self) -> dict[str, str]:
         """The Services' variables the kubelet gives a container (``enableServiceLinks``; the API's always)."""
-        networking = self.source.networking
+        networking = self.context.networking
         if networking is None:
             return {}
         networking.proxy.wait_synced(5.0)
@@ -437,7 +541,7 @@ class PodWorker(threading.Thread):
 
     def _network_files(self) -> list[dict]:
         """The pod's resolv.conf and hosts, as mounts, once it has its address."""
-        networking = self.source.networking
+        networking = self.context.networking
         if networking is None or not self.ip:
             return []
         return pod_files(self.workdir / "etc", self.pod, self.ip, networking.dns_ip)
@@ -472,7 +576,7 @@ class PodWorker(threading.Thread):
 
     def _watch(self, c: Container) -> None:
         """A running container: its memory limit, its probes, the end of its grace period."""
-        monitor = usage.Monitor.get()
+        monitor = self.context.monitor
         c.measured = usage.total([monitor.of(c.process.pid), *(monitor.of(pid) for pid in c.joined.pids())])
         limit = c.memory_limit
         if limit and c.measured and c.measured.memory_bytes > limit:
@@ -515,7 +619,7 @@ class PodWorker(threading.Thread):
         if "sleep" in hook:
             time.sleep(min(float(hook["sleep"].get("seconds", 0)), timeout))
             return None
-        pid = c.process.pid if c.process and self.isolated else None
+        pid = self.runtime.join_pid(c.process)
         if "exec" in hook:
             outcome = probes.exec_action(hook["exec"], c.env, c.cwd, timeout, pid)
         elif "httpGet" in hook:
@@ -550,26 +654,12 @@ class PodWorker(threading.Thread):
         (folder / "start-error").unlink(missing_ok=True)
         c.env = env
         nice = cpuweight.level(c.spec)
-        if self.isolated:
-            c.cwd = c.spec.get("workingDir") or "/"
-            spec = {"mode": "run", "pod_pid": self.pause.pid, "hostname": self._hostname(), "rootfs": str(folder / "rootfs"),
-                    "layers": str(folder / "layers"), "tmp": str(folder / "tmp"),
-                    "hide": self._hidden(), "keep": _kept_under_tmp(), "mounts": mounts,
-                    "cwd": c.cwd, "env": env, "nice": nice,
-                    "argv": argv, "error_file": str(folder / "start-error")}  # fmt: skip
-            command = launch.command(spec, str(folder / "launch.spec"))
-            cwd = folder
-        else:
-            command = argv
-            cwd = self.workdir / "root" / c.spec.get("workingDir", "").lstrip("/")
-            cwd.mkdir(parents=True, exist_ok=True)
-            c.cwd = str(cwd)
         if c.restarts == 0 and c.started_at is None:
             self.event("Pulled", f"Container image \"{image.reference}\" already present on machine", container=c)
         stdin, stdout, stderr = self._output(c)
-        if c.console and c.console.terminal is not None and self.isolated:
-            spec["tty"] = True
-            command = launch.command(spec, str(folder / "launch.spec"))
+        command, cwd, c.cwd = self.runtime.command(runtime.Launch(
+            argv, env, c.spec.get("workingDir", ""), folder, self.workdir, self._hostname(), mounts, self._hidden(), nice,
+            tty=bool(c.console and c.console.terminal is not None), pause_pid=self.pause.pid if self.pause else None))
         try:
             c.process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr, env=env,
                                          cwd=cwd, start_new_session=True)  # fmt: skip
@@ -581,6 +671,7 @@ class PodWorker(threading.Thread):
             for fd in {stdin, stdout, stderr} - {subprocess.DEVNULL}:
                 os.close(fd)
         procs.record(c.process.pid, folder / "container.pid")
+        threading.Thread(target=self._await_exit, args=(c.process,), name=f"wait-{c.name}", daemon=True).start()
         c.container_id = f"labkit://{c.process.pid}"
         cpuweight.apply(c.process.pid, nice)
         if c.restarting:
@@ -593,13 +684,19 @@ class PodWorker(threading.Thread):
         self.event("Created", f"Created container: {c.name}", container=c)
         self.event("Started", f"Started container {c.name}", container=c)
         if not c.init and not c.ephemeral and probes.Prober.wanted(c.spec):
-            c.prober = probes.Prober(c.spec, c.process.pid if self.isolated else None, self.network_pid(), env, c.cwd,
+            c.prober = probes.Prober(c.spec, self.runtime.join_pid(c.process), self.network_pid(), env, c.cwd,
                                      lambda reason, message, kind: self.event(reason, message, kind, container=c),
-                                     self.source.relist, self.taken, self.probe_host())
+                                     self.context.relist, self.taken, self.probe_host(),
+                                     changed=lambda: self.inbox.put(Wake("probe")))  # fmt: skip
             c.prober.start()
         hook = c.spec.get("lifecycle", {}).get("postStart")
         if hook:
             threading.Thread(target=self._post_start, args=(c, hook), daemon=True).start()
+
+    def _await_exit(self, process: subprocess.Popen) -> None:
+        """A container's process has ended: work for the pod's worker at once (not at its next look)."""
+        process.wait()
+        self.inbox.put(Wake("exited"))
 
     def _post_start(self, c: Container, hook: dict) -> None:
         if self.isolated and c.process is not None:
@@ -828,32 +925,6 @@ def _signal_group(process: subprocess.Popen | None, sig: int) -> None:
         pass
 
 
-@functools.cache
-def _kept_under_tmp() -> list[str]:
-    """Folders a container must see where this machine has them though they live under /tmp, which a
-    container has a private one of: this Python, labkit itself (the course's apps) and its binaries."""
-    folders = {sys.prefix, sys.base_prefix, str(Path(labkit.__file__).resolve().parents[1]), str(paths.cache_root())}
-    return sorted(f for f in folders if f.startswith("/tmp/"))
-
-
-@functools.cache
-def _pause_tools() -> tuple[str, str, str] | None:
-    found = tuple(shutil.which(tool) for tool in ("setpriv", "unshare", "sleep"))
-    return found if all(found) else None  # type: ignore[return-value]
-
-
-def _pause_command(hostname: str) -> list[str]:
-    """A pod's pause process: util-linux's unshare holding new network and UTS namespaces (a couple of
-    milliseconds; each container names the host and brings up loopback as it joins), dying with the
-    agent; else the launcher's own pause mode."""
-    tools = _pause_tools()
-    if tools:
-        setpriv, unshare, sleep = tools
-        return [setpriv, "--pdeathsig", "KILL", "--", unshare, "--net", "--uts", "--", sleep, "infinity"]
-    return launch.command({"mode": "pause", "hostname": hostname, "argv": ["sleep", "infinity"],
-                           "env": {"PATH": ":".join(STANDARD_PATH)}})  # fmt: skip
-
-
 def _path(extra: tuple[str, ...]) -> str:
     """A container's PATH: the image's own folders, this Python's, the standard ones, then the agent's."""
     entries = [*extra, os.path.dirname(sys.executable), *STANDARD_PATH, *os.environ.get("PATH", "").split(":")]
@@ -864,8 +935,10 @@ class PodSource(threading.Thread):
     """Lists and watches the pods bound to one node; keeps one worker per pod."""
 
     def __init__(self, node: str, api: KubeAPI, root: Path, stopping: threading.Event, log,  # noqa: ANN001
-                 allocatable: dict | None = None, networking: Networking | None = None) -> None:  # fmt: skip
+                 allocatable: dict | None = None, networking: Networking | None = None,
+                 monitor: usage.Monitor | None = None) -> None:  # fmt: skip
         super().__init__(name=f"pods-{node}", daemon=True)
+        self.monitor = monitor or usage.Monitor.start_new()  # the agent's, shared by its nodes
         self.allocatable = allocatable or {}
         self.node = node
         self.api = api
@@ -878,7 +951,7 @@ class PodSource(threading.Thread):
         self.events = EventSink(api, log)
         self.objects = ObjectCache(api, OBJECT_TTL)
         self.relist = probes.Relist()  # when this node's probes see a new container
-        self.isolated = False
+        self.context: NodeContext | None = None  # made once it is known whether containers get namespaces
         self.networking = networking  # the agent's pod network, shared by its nodes (None: pods have no addresses)
         self._cidr: str | None = None
 
@@ -893,7 +966,9 @@ class PodSource(threading.Thread):
         return urllib.parse.quote(f"spec.nodeName={self.node}")
 
     def run(self) -> None:
-        self.isolated = namespaces.available()  # asked once, before the first pod waits on it
+        self.context = NodeContext(self.node, self.api, self.log, self.events, self.objects, self.relist,
+                                   self.allocatable, runtime.for_this_machine(namespaces.available()), self.monitor,
+                                   self.networking, self.pod_cidr)  # fmt: skip
         while not self.stopping.is_set():
             if self.paused.is_set():
                 self.stop_all()
@@ -935,7 +1010,7 @@ class PodSource(threading.Thread):
                 if phase in ("Succeeded", "Failed") and not pod["metadata"].get("deletionTimestamp"):
                     return  # finished before this agent started: nothing to run
                 folder = self.root / f"{pod['metadata']['namespace']}_{pod['metadata']['name']}_{uid}"
-                worker = PodWorker(pod, self, folder)
+                worker = PodWorker(pod, self.context, folder)
                 self.workers[uid] = worker
                 worker.start()
             else:
@@ -945,10 +1020,8 @@ class PodSource(threading.Thread):
         with self.lock:
             worker = self.workers.pop(uid, None)
         if worker is not None:
-            worker.lost = lost
-            with worker.lock:
-                worker.pod["metadata"].setdefault("deletionTimestamp", api_time())
-                worker.pod["metadata"]["deletionGracePeriodSeconds"] = 0
+            worker.lost = worker.lost or lost  # at once: a lost node's pods report nothing more
+            worker.forget(lost)
 
     def current(self) -> list[PodWorker]:
         with self.lock:

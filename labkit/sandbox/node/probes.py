@@ -167,12 +167,13 @@ class Prober(threading.Thread):
     """Probes one running container; the pod worker reads ``ready``/``started`` and ``restart_reason``."""
 
     def __init__(self, container: dict, pid: int | None, pod_pid: int | None, env: dict[str, str], cwd: str,
-                 event: Callable[[str, str, str], None], relist: Relist, taken: float, host: str) -> None:  # fmt: skip
+                 event: Callable[[str, str, str], None], relist: Relist, taken: float, host: str,
+                 changed: Callable[[], None] = lambda: None) -> None:  # fmt: skip
         """``pid``: the container's process, for exec probes (None: containers have no namespaces here);
         ``pod_pid``: the pod's pause process, whose network namespace the network probes use; ``host``: the
         address network probes go to unless they name one (the pod's IP, as the kubelet's); ``relist``: the
         node's relist clock; ``taken``: when the node took the pod (``time.monotonic()``), which the probes'
-        ticks count from."""
+        ticks count from; ``changed``: called when ``started``, ``ready`` or ``restart_reason`` changes."""
         super().__init__(name=f"probe-{container['name']}-{pid}", daemon=True)
         self.container = container
         self.netns = pod_pid
@@ -181,6 +182,7 @@ class Prober(threading.Thread):
         self.env = env
         self.cwd = cwd
         self.event = event  # (reason, message, type)
+        self.changed = changed
         self.relist = relist
         self.stopped = threading.Event()
         self.schedules = {kind: _Schedule(container[key], taken) for key, kind in KINDS if container.get(key)}
@@ -238,10 +240,12 @@ class Prober(threading.Thread):
             schedule.failures = 0
             schedule.successes += 1
             if schedule.successes >= schedule.successes_needed:
-                if kind == "Startup":
+                if kind == "Startup" and not self.started:
                     self.started = True
-                elif kind == "Readiness":
+                    self.changed()
+                elif kind == "Readiness" and not self.ready:
                     self.ready = True
+                    self.changed()
             return
         schedule.successes = 0
         schedule.failures += 1
@@ -249,7 +253,10 @@ class Prober(threading.Thread):
         if schedule.failures < schedule.failures_allowed:
             return
         if kind == "Readiness":
-            self.ready = False
+            if self.ready:
+                self.ready = False
+                self.changed()
         else:
             what = "liveness" if kind == "Liveness" else "startup"
             self.restart_reason = f"Container {self.container['name']} failed {what} probe, will be restarted"
+            self.changed()

@@ -20,12 +20,15 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import tempfile
 import termios
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import labkit
+from labkit import paths
 from labkit.sandbox import procs
 from labkit.sandbox.node import cpuweight, launch
 
@@ -274,3 +277,90 @@ class Joined:
             except (ProcessLookupError, PermissionError):
                 pass
             process.wait()
+
+
+# -- the container runtimes: how a pod's sandbox and its containers' first processes are made ------------------
+
+
+@dataclass
+class Launch:
+    """What a container's first process needs: its command, environment and where it starts, for either runtime."""
+
+    argv: list[str]
+    env: dict[str, str]
+    working_dir: str  # the spec's workingDir ("" for the image's, which is /)
+    folder: Path  # the container's own folder on the node (rootfs, layers, tmp, launch.spec, start-error)
+    pod_folder: Path
+    hostname: str
+    mounts: list[dict]
+    hidden: list[str]
+    nice: int
+    tty: bool
+    pause_pid: int | None  # the pod's pause process, whose namespaces the container joins
+
+
+class PlainRuntime:
+    """Where this machine grants the agent no Linux namespaces: a pod has no sandbox, a container is its program
+    run as it is, in a working folder of the pod's."""
+
+    isolated = False
+
+    def sandbox_command(self, hostname: str) -> list[str] | None:
+        """The pod's pause process, which makes and holds its namespaces (None: no sandbox)."""
+        return None
+
+    def command(self, launch_spec: Launch) -> tuple[list[str], Path, str]:
+        """(command, the folder Popen starts it in, the container's working directory as the container sees it)."""
+        cwd = launch_spec.pod_folder / "root" / launch_spec.working_dir.lstrip("/")
+        cwd.mkdir(parents=True, exist_ok=True)
+        return launch_spec.argv, cwd, str(cwd)
+
+    def join_pid(self, process: subprocess.Popen | None) -> int | None:
+        """The process whose namespaces execs, probes and hooks join (None: they run as this machine's)."""
+        return None
+
+
+class IsolatedRuntime(PlainRuntime):
+    """Linux namespaces: a pause process holds the pod's network and UTS namespaces; each container joins them
+    and gets a mount namespace and root of its own (``launch.py``)."""
+
+    isolated = True
+
+    def sandbox_command(self, hostname: str) -> list[str] | None:
+        tools = _pause_tools()
+        if tools:  # util-linux's unshare: a couple of milliseconds; each container names the host as it joins
+            setpriv, unshare, sleep = tools
+            return [setpriv, "--pdeathsig", "KILL", "--", unshare, "--net", "--uts", "--", sleep, "infinity"]
+        return launch.command({"mode": "pause", "hostname": hostname, "argv": ["sleep", "infinity"],
+                               "env": {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}})  # fmt: skip
+
+    def command(self, launch_spec: Launch) -> tuple[list[str], Path, str]:
+        folder = launch_spec.folder
+        cwd = launch_spec.working_dir or "/"
+        spec = {"mode": "run", "pod_pid": launch_spec.pause_pid, "hostname": launch_spec.hostname, "rootfs": str(folder / "rootfs"),
+                "layers": str(folder / "layers"), "tmp": str(folder / "tmp"), "hide": launch_spec.hidden,
+                "keep": kept_under_tmp(), "mounts": launch_spec.mounts, "cwd": cwd, "env": launch_spec.env,
+                "nice": launch_spec.nice, "argv": launch_spec.argv, "error_file": str(folder / "start-error"),
+                **({"tty": True} if launch_spec.tty else {})}  # fmt: skip
+        return launch.command(spec, str(folder / "launch.spec")), folder, cwd
+
+    def join_pid(self, process: subprocess.Popen | None) -> int | None:
+        return process.pid if process is not None else None
+
+
+def for_this_machine(isolated: bool) -> PlainRuntime:
+    return IsolatedRuntime() if isolated else PlainRuntime()
+
+
+@functools.cache
+def _pause_tools() -> tuple[str, str, str] | None:
+    found = tuple(shutil.which(tool) for tool in ("setpriv", "unshare", "sleep"))
+    return found if all(found) else None  # type: ignore[return-value]
+
+
+@functools.cache
+def kept_under_tmp() -> list[str]:
+    """Folders a container must see where this machine has them though they live under /tmp, which a
+    container has a private one of: this Python, labkit itself (the course's apps) and its binaries."""
+    folders = {sys.prefix, sys.base_prefix, str(Path(labkit.__file__).resolve().parents[1]), str(paths.cache_root())}
+    return sorted(f for f in folders if f.startswith("/tmp/"))

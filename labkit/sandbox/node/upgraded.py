@@ -100,11 +100,10 @@ class Pump:
             pending = bool(self.outbound)
             if self.closing and not pending:
                 return False
-        if not self.sock.pending():
-            readable, writable, _ = select.select([self.sock, self.wake_read], [self.sock] if pending else [], [],
-                                                  IDLE_WAKEUP)  # fmt: skip
+        if not self.sock.pending():  # (decrypted bytes waiting in the TLS layer are not seen by select)
+            readable, _, _ = select.select([self.sock, self.wake_read], [self.sock] if pending else [], [], IDLE_WAKEUP)
         else:
-            readable, writable = [self.sock], [self.sock] if pending else []
+            readable = [self.sock]
         if self.wake_read in readable:
             try:
                 while os.read(self.wake_read, 4096):

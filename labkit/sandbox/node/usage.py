@@ -58,23 +58,18 @@ def total(parts: list[Usage | None]) -> Usage | None:
 
 
 class Monitor(threading.Thread):
-    """Keeps the latest scan; started once per agent, on first use."""
-
-    _instance: Monitor | None = None
-    _lock = threading.Lock()
+    """Keeps the latest scan; one per agent (``start_new``), handed to its nodes."""
 
     def __init__(self) -> None:
         super().__init__(name="usage", daemon=True)
         self.latest: dict[int, Usage] = {}
 
     @classmethod
-    def get(cls) -> Monitor:
-        with cls._lock:
-            if cls._instance is None:
-                cls._instance = cls()
-                cls._instance.latest = scan()
-                cls._instance.start()
-            return cls._instance
+    def start_new(cls) -> Monitor:
+        monitor = cls()
+        monitor.latest = scan()
+        monitor.start()
+        return monitor
 
     def run(self) -> None:
         while True:
