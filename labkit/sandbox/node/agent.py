@@ -47,7 +47,7 @@ from labkit.sandbox.node.faults import Faults
 from labkit.sandbox.node.forward import ClusterEgress, Forwards
 from labkit.sandbox.node.network import Networking, PodNetwork
 from labkit.sandbox.node.services import ServiceProxy
-from labkit.sandbox.node.pods import PodSource
+from labkit.sandbox.node.podsource import PodSource
 from labkit.sandbox.node.server import NodeServer
 
 LEASE_SECONDS = 40  # kubelet's nodeLeaseDurationSeconds

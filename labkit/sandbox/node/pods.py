@@ -1,11 +1,13 @@
-"""Pods as local processes: the pod workers of one node, and the watch that feeds them.
+"""Pods as local processes: one ``PodWorker`` per pod, as the kubelet's pod workers.
 
-Mirrors the kubelet's decomposition: a ``PodSource`` lists and watches the Pods
-bound to its node (with the node's own credentials), and hands every change to
-that pod's ``PodWorker``, a thread that drives the pod toward its spec (start
-containers, restart them per ``restartPolicy`` with the kubelet's back-off,
-stop them gracefully when the pod is deleted) and writes the pod's status back
-as the API documents it.
+A worker is a thread that drives its pod toward its spec (start containers,
+restart them per ``restartPolicy`` with the kubelet's back-off, stop them
+gracefully when the pod is deleted) and writes the pod's status back as the API
+documents it (``podstatus.py``). It is fed by a queue of work (``work.py``) from
+the node's watch (``podsource.py``), chaos experiments, its containers' ended
+processes and their probes; the container runtime (``runtime.py``: isolated or
+plain) makes sandboxes and processes; what the node's workers share comes in one
+``NodeContext``.
 """
 
 from __future__ import annotations
@@ -21,23 +23,21 @@ import sys
 import threading
 import time
 import traceback
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
 from labkit.sandbox import procs
 from labkit.kube import quantity
-from labkit.kube.cache import ObjectCache
-from labkit.kube.client import STRATEGIC_MERGE_PATCH, KubeAPI
+from labkit.kube.client import STRATEGIC_MERGE_PATCH
 from labkit.kube.errors import APIError
-from labkit.kube.events import EventSink, api_time, kubelet_event
-from labkit.kube.watch import ListWatch
-from labkit.sandbox.node import cpuweight, envvars, images, namespaces, podstatus, probes, runtime, usage
+from labkit.kube.events import api_time, kubelet_event
+from labkit.sandbox.node import cpuweight, envvars, images, podstatus, probes, runtime, usage
 from labkit.sandbox.node.context import NodeContext
+from labkit.sandbox.node.work import Forget, Kill, Stress, Unstress, Update, Wake, Work
 from labkit.sandbox.node.logs import ContainerLog
 from labkit.sandbox.node.dns import pod_files
-from labkit.sandbox.node.network import NetworkError, Networking
+from labkit.sandbox.node.network import NetworkError
 from labkit.sandbox.node.volumes import MountError, PodVolumes
 
 BACKOFF_START = 10.0  # the kubelet's CrashLoopBackOff: 10 s, doubling, at most 5 min
@@ -46,50 +46,12 @@ BACKOFF_RESET_AFTER = 600.0  # a container that ran 10 min resets its back-off
 PULL_BACKOFF_MAX = 300.0
 CONFIG_RETRY = 2.0  # a container waiting for a ConfigMap or Secret is tried again this often
 SYNC_RETRY = 2.0  # a pod whose sync failed unexpectedly is synced again after this
-OBJECT_TTL = 1.0  # ConfigMaps and Secrets read for a node's pods are reused this long
 AUTHORIZER_RETRIES, AUTHORIZER_RETRY_SECONDS = 10, 0.05  # a node's request the API server refuses (as_node)
 STANDARD_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 UNSUPPORTED_FEATURES = ("resizePolicy",)
 TICK = 0.5  # a pod worker looks at its pod at least this often (memory is sampled as often: usage.INTERVAL)
 ASK_TIMEOUT = 10.0  # what chaos asks of a pod worker is answered within this, or taken as refused
 T = TypeVar("T")
-
-
-class Work:
-    """What a pod worker is given to do besides driving its pod, handled in its own thread, in order."""
-
-
-@dataclass
-class Update(Work):
-    pod: dict  # the pod as the node's watch saw it
-
-
-@dataclass
-class Forget(Work):
-    lost: bool  # the node is lost: kill, and tell the API nothing
-
-
-@dataclass
-class Kill(Work):
-    container: str
-    reply: concurrent.futures.Future
-
-
-@dataclass
-class Stress(Work):
-    container: str
-    reply: concurrent.futures.Future
-    argv: list[str]
-
-
-@dataclass
-class Unstress(Work):
-    container: str
-
-
-@dataclass
-class Wake(Work):
-    why: str  # a container's process ended, a probe changed its verdict
 
 
 @dataclass
@@ -929,117 +891,3 @@ def _path(extra: tuple[str, ...]) -> str:
     """A container's PATH: the image's own folders, this Python's, the standard ones, then the agent's."""
     entries = [*extra, os.path.dirname(sys.executable), *STANDARD_PATH, *os.environ.get("PATH", "").split(":")]
     return ":".join(dict.fromkeys(e for e in entries if e))
-
-
-class PodSource(threading.Thread):
-    """Lists and watches the pods bound to one node; keeps one worker per pod."""
-
-    def __init__(self, node: str, api: KubeAPI, root: Path, stopping: threading.Event, log,  # noqa: ANN001
-                 allocatable: dict | None = None, networking: Networking | None = None,
-                 monitor: usage.Monitor | None = None) -> None:  # fmt: skip
-        super().__init__(name=f"pods-{node}", daemon=True)
-        self.monitor = monitor or usage.Monitor.start_new()  # the agent's, shared by its nodes
-        self.allocatable = allocatable or {}
-        self.node = node
-        self.api = api
-        self.root = root
-        self.stopping = stopping
-        self.log = log
-        self.workers: dict[str, PodWorker] = {}
-        self.lock = threading.RLock()  # the workers, changed by the watch and by a lost node
-        self.paused = threading.Event()  # set while the node is "lost"
-        self.events = EventSink(api, log)
-        self.objects = ObjectCache(api, OBJECT_TTL)
-        self.relist = probes.Relist()  # when this node's probes see a new container
-        self.context: NodeContext | None = None  # made once it is known whether containers get namespaces
-        self.networking = networking  # the agent's pod network, shared by its nodes (None: pods have no addresses)
-        self._cidr: str | None = None
-
-    def pod_cidr(self) -> str | None:
-        """The node's pod address range, as the controller manager assigned it (read until it has)."""
-        if self._cidr is None:
-            node = self.api.get(f"/api/v1/nodes/{self.node}") or {}
-            self._cidr = node.get("spec", {}).get("podCIDR")
-        return self._cidr
-
-    def _selector(self) -> str:
-        return urllib.parse.quote(f"spec.nodeName={self.node}")
-
-    def run(self) -> None:
-        self.context = NodeContext(self.node, self.api, self.log, self.events, self.objects, self.relist,
-                                   self.allocatable, runtime.for_this_machine(namespaces.available()), self.monitor,
-                                   self.networking, self.pod_cidr)  # fmt: skip
-        while not self.stopping.is_set():
-            if self.paused.is_set():
-                self.stop_all()
-                self.stopping.wait(0.5)
-                continue
-            pods = ListWatch(self.api, "/api/v1/pods", query={"fieldSelector": f"spec.nodeName={self.node}"},
-                             stop=lambda: self.stopping.is_set() or self.paused.is_set(), wait=self.stopping.wait,
-                             log=lambda m: self.log(f"pods of {self.node}: {m}"))  # fmt: skip
-            for change, found in pods:
-                if change != "LISTED":
-                    self._handle(change, found)
-                    continue
-                seen = set()
-                for pod in found:
-                    seen.add(pod["metadata"]["uid"])
-                    self._handle("MODIFIED", pod)
-                for uid in set(self.workers) - seen:
-                    self._forget(uid)
-                self._collect(seen)
-
-    def _collect(self, live: set[str]) -> None:
-        """Remove the folders of pods that no longer exist (deleted while the agent was away)."""
-        for folder in self.root.iterdir() if self.root.is_dir() else []:
-            uid = folder.name.rsplit("_", 1)[-1]
-            if uid not in live and uid not in self.workers:
-                shutil.rmtree(folder, ignore_errors=True)
-
-    def _handle(self, kind: str, pod: dict) -> None:
-        uid = pod["metadata"]["uid"]
-        with self.lock:
-            if self.paused.is_set():
-                return
-            worker = self.workers.get(uid)
-            if kind == "DELETED":
-                self._forget(uid)
-                return
-            if worker is None:
-                phase = pod.get("status", {}).get("phase")
-                if phase in ("Succeeded", "Failed") and not pod["metadata"].get("deletionTimestamp"):
-                    return  # finished before this agent started: nothing to run
-                folder = self.root / f"{pod['metadata']['namespace']}_{pod['metadata']['name']}_{uid}"
-                worker = PodWorker(pod, self.context, folder)
-                self.workers[uid] = worker
-                worker.start()
-            else:
-                worker.update(pod)
-
-    def _forget(self, uid: str, lost: bool = False) -> None:
-        with self.lock:
-            worker = self.workers.pop(uid, None)
-        if worker is not None:
-            worker.lost = worker.lost or lost  # at once: a lost node's pods report nothing more
-            worker.forget(lost)
-
-    def current(self) -> list[PodWorker]:
-        with self.lock:
-            return list(self.workers.values())
-
-    def lose(self) -> None:
-        """The node is lost: no more pods start, and its processes die at once, with no grace."""
-        self.paused.set()
-        self.stop_all()
-
-    def resume(self) -> None:
-        """The node is back: run its pods again (listed now: the watch may be idle for a while yet)."""
-        listing = self.api.request("GET", f"/api/v1/pods?fieldSelector={self._selector()}")
-        self.paused.clear()
-        for pod in listing.get("items", []):
-            self._handle("MODIFIED", pod)
-
-    def stop_all(self) -> None:
-        with self.lock:
-            for uid in list(self.workers):
-                self._forget(uid, lost=True)
