@@ -21,7 +21,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from labkit.sandbox.node.upgraded import Pump
+from labkit.sandbox.node.upgraded import Framed, Pump
 
 VERSION = 3
 SYN_STREAM, SYN_REPLY, RST_STREAM, SETTINGS, PING, GOAWAY, HEADERS, WINDOW_UPDATE = 1, 2, 3, 4, 6, 7, 8, 9
@@ -104,29 +104,20 @@ def data_frame(stream_id: int, data: bytes, fin: bool = False) -> bytes:
     return struct.pack(">II", stream_id & 0x7FFFFFFF, ((FLAG_FIN if fin else 0) << 24) | len(data)) + data
 
 
-class Connection:
+class Connection(Framed):
     """One SPDY/3.1 connection, server side: frames in through ``feed``, out through the pump."""
 
     def __init__(self, pump: Pump, handler: Handler) -> None:
-        self.pump = pump
-        self.handler = handler
-        self.buffer = bytearray()
+        super().__init__(pump, handler)
         self.streams: dict[int, Stream] = {}
         self.inflate = zlib.decompressobj(zdict=DICTIONARY)
         self.deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, 15, 8, zlib.Z_DEFAULT_STRATEGY,
                                         zdict=DICTIONARY)  # fmt: skip
         self.writing = threading.Lock()  # the outgoing compression context follows the order frames go out in
-        self.ended = False
 
     # -- in ------------------------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> None:
-        if not data:
-            if not self.ended:
-                self.ended = True
-                self.handler.gone()
-            return
-        self.buffer += data
+    def parse(self) -> None:
         at = 0
         try:
             while len(self.buffer) - at >= 8:

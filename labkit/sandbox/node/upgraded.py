@@ -138,3 +138,26 @@ class Pump:
         with self.room:
             del self.outbound[:written]
             self.room.notify_all()
+
+
+class Framed:
+    """A protocol on a pump (SPDY, WebSocket): bytes in through ``feed``, parsed as they complete (``parse``);
+    ``feed(b"")`` (the connection ended) tells the handler once."""
+
+    def __init__(self, pump: Pump, handler: Any) -> None:
+        self.pump = pump
+        self.handler = handler
+        self.buffer = bytearray()
+        self.ended = False
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            if not self.ended:
+                self.ended = True
+                self.handler.gone()
+            return
+        self.buffer += data
+        self.parse()
+
+    def parse(self) -> None:
+        raise NotImplementedError

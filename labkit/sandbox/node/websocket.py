@@ -14,7 +14,7 @@ import hashlib
 import struct
 from typing import Any, Protocol
 
-from labkit.sandbox.node.upgraded import Pump
+from labkit.sandbox.node.upgraded import Framed, Pump
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -60,23 +60,14 @@ def frame(opcode: int, payload: bytes) -> bytes:
     return head + payload
 
 
-class Connection:
+class Connection(Framed):
     """One WebSocket connection, server side: messages in through ``feed``, out through the pump."""
 
     def __init__(self, pump: Pump, handler: Handler) -> None:
-        self.pump = pump
-        self.handler = handler
-        self.buffer = bytearray()
+        super().__init__(pump, handler)
         self.message = bytearray()
-        self.ended = False
 
-    def feed(self, data: bytes) -> None:
-        if not data:
-            if not self.ended:
-                self.ended = True
-                self.handler.gone()
-            return
-        self.buffer += data
+    def parse(self) -> None:
         while True:
             parsed = self._frame()
             if parsed is None:
