@@ -23,6 +23,7 @@ from labkit.sandbox.controlplane import Sandbox, kubelet_port_name
 from labkit.sandbox.node import logs
 
 STAMP = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z ")
+CAPTURE = logs.Capture.start_new()  # as an agent has one, for the tests without a cluster
 
 
 def _quiet(_: str) -> None:
@@ -34,7 +35,7 @@ def _quiet(_: str) -> None:
 
 def _capture(folder: Path, restart: int, script: str) -> None:
     """Run ``script`` with its output captured as attempt ``restart``, and wait until all of it is in the file."""
-    log = logs.ContainerLog(folder)
+    log = logs.ContainerLog(folder, CAPTURE)
     stdout, stderr = log.open(restart)
     try:
         process = subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
@@ -70,7 +71,7 @@ def test_a_long_line_is_split_and_shown_whole(tmp_path: Path) -> None:
 
 def test_a_full_file_is_rotated_and_a_follower_keeps_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logs, "MAX_FILE_BYTES", 4096)
-    stdout, stderr = logs.ContainerLog(tmp_path).open(0)
+    stdout, stderr = logs.ContainerLog(tmp_path, CAPTURE).open(0)
     follower = logs.follow(tmp_path, 0, tail=None, since=None, timestamps=False, limit_bytes=None)
     followed = b""
     for batch in range(8):  # each batch is less than a file, so the follower is never two rotations behind

@@ -40,7 +40,7 @@ from labkit.sandbox import procs
 from labkit.kube.client import STRATEGIC_MERGE_PATCH, KubeAPI
 from labkit.kube.errors import APIError
 from labkit.kube.events import api_micro_time, api_time, kubelet_event
-from labkit.sandbox.node import namespaces, usage
+from labkit.sandbox.node import logs, namespaces, usage
 from labkit.sandbox.node.chaos import ChaosController
 from labkit.sandbox.node.dns import ClusterDNS
 from labkit.sandbox.node.faults import Faults
@@ -81,7 +81,7 @@ class NodeHeartbeat(threading.Thread):
 
     def __init__(self, spec: NodeSpec, server: str, ca: Path, version: str, run_dir: Path,
                  stopping: threading.Event, networking: Networking | None = None,
-                 monitor: usage.Monitor | None = None) -> None:  # fmt: skip
+                 monitor: usage.Monitor | None = None, capture: logs.Capture | None = None) -> None:  # fmt: skip
         super().__init__(name=f"node-{spec.name}", daemon=True)
         self.spec = spec
         self.api = KubeAPI(server, ca, Path(spec.cert), Path(spec.key))
@@ -93,7 +93,7 @@ class NodeHeartbeat(threading.Thread):
         self.uid: str | None = None
         self.pods = PodSource(spec.name, self.api, run_dir.parent / "pods" / spec.name, stopping, _log,
                               allocatable={"cpu": spec.cpu, "memory": spec.memory}, networking=networking,
-                              monitor=monitor)  # fmt: skip
+                              monitor=monitor, capture=capture)  # fmt: skip
         self.kubelet_api = NodeServer(spec.name, spec.port, Path(spec.serving_cert), Path(spec.serving_key), ca,
                                       self.pods.current, _log, networking, self.api) if spec.port else None  # fmt: skip
 
@@ -260,9 +260,10 @@ def main() -> int:
     networking = start_network(config, stopping)
     _record_network(root / "run" / "network.json", networking)
     monitor = usage.Monitor.start_new()  # CPU and memory of every container, for all the nodes
+    capture = logs.Capture.start_new()  # every container's output, into its log
     threads = [
         NodeHeartbeat(NodeSpec(**node), config["server"], Path(config["ca"]), config["version"], root / "run", stopping,
-                      networking, monitor)  # fmt: skip
+                      networking, monitor, capture)  # fmt: skip
         for node in config["nodes"]
     ]
     if config.get("egress_socket"):

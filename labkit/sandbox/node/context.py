@@ -8,7 +8,7 @@ from typing import Any, Callable
 from labkit.kube.cache import ObjectCache
 from labkit.kube.client import KubeAPI
 from labkit.kube.events import EventSink
-from labkit.sandbox.node import probes, usage
+from labkit.sandbox.node import logs, probes, usage
 from labkit.sandbox.node.runtime import PlainRuntime
 
 
@@ -23,6 +23,7 @@ class NodeContext:
     allocatable: dict
     runtime: PlainRuntime  # isolated or plain: how sandboxes and containers are made
     monitor: usage.Monitor  # CPU and memory of the agent's processes
+    capture: logs.Capture  # the agent's reader of every container's output
     networking: Any  # network.Networking, shared by the agent's nodes (None: pods have no addresses)
     pod_cidr: Callable[[], str | None]  # the node's spec.podCIDR, once assigned
 

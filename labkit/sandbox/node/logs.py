@@ -160,19 +160,15 @@ class _Stream:
         return b"".join(out)
 
 
-class _Capture(threading.Thread):
-    """The one thread that reads every container pipe of the agent and writes the log files."""
-
-    _instance: _Capture | None = None
-    _guard = threading.Lock()
+class Capture(threading.Thread):
+    """The one thread that reads every container pipe of the agent and writes the log files (``start_new``, once
+    per agent, handed to its nodes)."""
 
     @classmethod
-    def get(cls) -> _Capture:
-        with cls._guard:
-            if cls._instance is None:
-                cls._instance = cls()
-                cls._instance.start()
-            return cls._instance
+    def start_new(cls) -> Capture:
+        capture = cls()
+        capture.start()
+        return capture
 
     def __init__(self) -> None:
         super().__init__(name="container-logs", daemon=True)
@@ -228,8 +224,9 @@ class _Capture(threading.Thread):
 class ContainerLog:
     """The log of one container: ``<pod dir>/logs/<container name>/<restart>.log`` per attempt."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, capture: Capture) -> None:
         self.folder = folder
+        self.capture = capture  # the agent's
         self.attempt: _Attempt | None = None
 
     def open(self, restart: int) -> tuple[int, int]:
@@ -242,7 +239,7 @@ class ContainerLog:
         err_read, err_write = os.pipe()
         for fd, name in ((out_read, b"stdout"), (err_read, b"stderr")):
             os.set_blocking(fd, False)
-            _Capture.get().add(_Stream(fd, name, attempt))
+            self.capture.add(_Stream(fd, name, attempt))
         return out_write, err_write
 
     def open_terminal(self, restart: int) -> tuple[int, int]:
@@ -253,7 +250,7 @@ class ContainerLog:
         terminal, inner = os.openpty()
         reader = os.dup(terminal)
         os.set_blocking(reader, False)
-        _Capture.get().add(_Stream(reader, b"stdout", attempt))
+        self.capture.add(_Stream(reader, b"stdout", attempt))
         return inner, terminal
 
     def listen(self, listener: Callable[[bytes, bytes], None]) -> Callable[[], None]:

@@ -673,7 +673,7 @@ class PodWorker(threading.Thread):
         with ``stdin``, a pipe the agent holds the other end of; with ``tty``, one terminal for all three."""
         attempt = c.restarts + (1 if c.restarting else 0)
         self._close_console(c)
-        c.log = ContainerLog(self.workdir / "logs" / c.name)
+        c.log = ContainerLog(self.workdir / "logs" / c.name, self.context.capture)
         once = bool(c.spec.get("stdinOnce"))
         if c.spec.get("tty"):
             inner, terminal = c.log.open_terminal(attempt)

@@ -17,7 +17,7 @@ from labkit.kube.cache import ObjectCache
 from labkit.kube.client import KubeAPI
 from labkit.kube.events import EventSink
 from labkit.kube.watch import ListWatch
-from labkit.sandbox.node import namespaces, probes, runtime, usage
+from labkit.sandbox.node import logs, namespaces, probes, runtime, usage
 from labkit.sandbox.node.context import NodeContext
 from labkit.sandbox.node.network import Networking
 from labkit.sandbox.node.pods import PodWorker
@@ -30,9 +30,10 @@ class PodSource(threading.Thread):
 
     def __init__(self, node: str, api: KubeAPI, root: Path, stopping: threading.Event, log,  # noqa: ANN001
                  allocatable: dict | None = None, networking: Networking | None = None,
-                 monitor: usage.Monitor | None = None) -> None:  # fmt: skip
+                 monitor: usage.Monitor | None = None, capture: logs.Capture | None = None) -> None:  # fmt: skip
         super().__init__(name=f"pods-{node}", daemon=True)
         self.monitor = monitor or usage.Monitor.start_new()  # the agent's, shared by its nodes
+        self.capture = capture or logs.Capture.start_new()
         self.allocatable = allocatable or {}
         self.node = node
         self.api = api
@@ -62,7 +63,7 @@ class PodSource(threading.Thread):
     def run(self) -> None:
         self.context = NodeContext(self.node, self.api, self.log, self.events, self.objects, self.relist,
                                    self.allocatable, runtime.for_this_machine(namespaces.available()), self.monitor,
-                                   self.networking, self.pod_cidr)  # fmt: skip
+                                   self.capture, self.networking, self.pod_cidr)  # fmt: skip
         while not self.stopping.is_set():
             if self.paused.is_set():
                 self.stop_all()
