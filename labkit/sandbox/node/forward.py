@@ -190,9 +190,6 @@ class ClusterEgress(threading.Thread):
         except ValueError:
             return host == "localhost"
 
-    def close(self) -> None:
-        self.sock.close()
-
 
 class Forwards:
     """The agent's forwards: the ``kubernetes`` Service, NodePorts, and Services asked for by notebooks."""

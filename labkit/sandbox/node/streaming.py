@@ -136,6 +136,12 @@ def failure_status(message: str) -> dict:
     return {"metadata": {}, "status": "Failure", "message": message, "reason": "InternalError", "code": 500}
 
 
+def runtime_failure(reason: str) -> str:
+    """What the API server passes on when the runtime cannot start an exec's command, in containerd's words."""
+    return ("error executing command in container: failed to exec in container: OCI runtime exec failed: exec "
+            f"failed: unable to start container process: {reason}: unknown")
+
+
 def command_text(command: list[str]) -> str:
     return "[" + " ".join(command) + "]"
 
@@ -170,7 +176,7 @@ class ChannelSession:
     """An exec or attach on one SPDY connection: its streams, then the process's input, output and end.
 
     ``begin`` is what the request does once every stream is there: an exec starts its command, an attach
-    takes the container's own streams; either returns a ``runtime.Started``-like object and a wait function.
+    takes the container's own streams; either way an ``Attachment`` to read, write and wait on.
     """
 
     def __init__(self, options: Options, begin: Callable[[], "Attachment"], log: Callable[[str], None]) -> None:
@@ -338,8 +344,7 @@ class ExecAttachment(Attachment):
             if "No such file or directory" in problem and problem.startswith("exec:"):
                 problem = problem.split(":", 2)
                 problem = f"{problem[0]}:{problem[1]}: executable file not found in $PATH"
-            return failure_status("error executing command in container: failed to exec in container: OCI runtime "
-                                  f"exec failed: exec failed: unable to start container process: {problem}: unknown")  # fmt: skip
+            return failure_status(runtime_failure(problem))
         return exit_status(code if code >= 0 else 128 - code, self.command)
 
     def abandon(self) -> None:
@@ -356,8 +361,7 @@ def start_exec(target: runtime.Target, joined: runtime.Joined, options: Options)
         started = runtime.start(target, options.command, stdin=options.stdin, stdout=options.stdout,
                                 stderr=options.stderr, tty=options.tty)  # fmt: skip
     except runtime.StartFailed as exc:
-        raise Refused(500, f"error executing command in container: failed to exec in container: OCI runtime exec "
-                      f"failed: exec failed: unable to start container process: {exc}: unknown") from None
+        raise Refused(500, runtime_failure(str(exc))) from None
     except OSError as exc:
         raise Refused(500, f"failed to exec in container: {exc}") from None
     return ExecAttachment(started, options.command, joined)
